@@ -1,0 +1,136 @@
+"""Shared fixtures: small CIFAR-10 data sets in the real file formats, made here.
+
+The images are learnable: each class has its own colour and a stripe whose position
+depends on the class, under noise, so a small model beats chance (10%) in an epoch
+or two, and flips or shifts do not change the answer.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Keep the scripts offline and out of the user's Keras cache in every test.
+os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="keras-home-")
+os.environ.pop("CIFAR10_DIR", None)
+
+TRAIN_BATCHES = 5
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def make_images(labels, seed):
+    """uint8 (N, 32, 32, 3) images whose colour and stripe give away the class."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((len(labels), 32, 32, 3), np.float32)
+    images[:] = PALETTE[labels][:, None, None, :] * 0.6
+    for i, label in enumerate(labels):
+        row = 3 * label
+        images[i, row : row + 3, :, :] = 255 - PALETTE[label]
+    images += rng.normal(0, 30, images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def batch_dict(images, labels, name):
+    """A batch as CIFAR-10 stores it: bytes keys, data (N, 3072) channel-first."""
+    return {
+        b"batch_label": name.encode(),
+        b"labels": [int(label) for label in labels],
+        b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1),
+        b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))],
+    }
+
+
+def write_batch(path, images, labels):
+    with open(path, "wb") as file:
+        pickle.dump(batch_dict(images, labels, Path(path).name), file, protocol=2)
+
+
+def make_cifar_folder(root, per_batch=60, test_images=100, seed=0):
+    """root/cifar-10-batches-py/ with five training batches and a test batch.
+    Returns the batches folder."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(TRAIN_BATCHES):
+        labels = np.arange(per_batch) % 10
+        write_batch(
+            folder / f"data_batch_{index + 1}", make_images(labels, seed + index), labels
+        )
+    labels = np.arange(test_images) % 10
+    write_batch(folder / "test_batch", make_images(labels, seed + 99), labels)
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"num_cases_per_batch": per_batch})
+    )
+    return folder
+
+
+def make_cifar_archive(root, **sizes):
+    """root/cifar-10-python.tar.gz laid out as the official download."""
+    root = Path(root)
+    folder = make_cifar_folder(root / "unpacked", **sizes)
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """A folder holding cifar-10-batches-py/: 300 training and 100 test images."""
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar_folder(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(tmp_path_factory):
+    return make_cifar_archive(tmp_path_factory.mktemp("cifar-archive"))
+
+
+OFFLINE_ENV = {
+    # Any download fails at once: connections go to a closed local port.
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "NO_PROXY": "",
+    "no_proxy": "",
+}
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=600):
+    """Run a script as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **OFFLINE_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def own_stderr_lines(stderr):
+    """stderr without TensorFlow's C++ start-up notices, which TF 2.21 prints
+    before any Python code can silence them."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.strip()
+        and not line.startswith(
+            ("WARNING: All log messages before absl", "To enable the following")
+        )
+        and not (len(line) > 5 and line[0] in "IWEF" and line[1:5].isdigit())
+    ]

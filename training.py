@@ -1,0 +1,390 @@
+"""Plumbing the scripts share: --name=value overrides, errors and exit codes, run
+folders, seeding, distribution, and the Keras callbacks that train, checkpoint,
+log and resume a run.
+
+Nothing here holds a hyperparameter: each script's config block does.
+"""
+
+import ast
+import csv
+import json
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+EXIT_CONFIG = 2  # bad command line or configuration
+EXIT_DATA = 3  # data or weights missing, unreadable or invalid
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+
+
+class ConfigError(Exception):
+    """A setting that cannot work: exit 2 with this message."""
+
+
+class DataError(Exception):
+    """Data or weights missing, unreadable or invalid: exit 3 with this message."""
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C; the message says how to resume."""
+
+
+# ---------------------------------------------------------------------------------
+# Configuration: the UPPER_CASE block at the top of a script, overridden per run
+
+
+def config_block(module_globals):
+    """The scalar UPPER_CASE globals defined so far: called right after a script's
+    config block, it captures that block as the defaults for overrides."""
+    return {
+        name: value
+        for name, value in module_globals.items()
+        if name.isupper() and type(value) in (bool, int, float, str)
+    }
+
+
+def parse_overrides(defaults, argv):
+    """Apply `--name=value` arguments to `defaults` (a config block) and return the
+    effective configuration. Values are Python literals checked against the type of
+    the default; strings may be given bare (`--data_dir=/data/cifar`)."""
+    config = dict(defaults)
+    valid = ", ".join(f"--{name.lower()}" for name in defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(
+                f"expected --name=value, got {arg!r} (valid names: {valid})"
+            )
+        flag, text = arg[2:].split("=", 1)
+        name = flag.replace("-", "_").upper()
+        if name not in defaults:
+            raise ConfigError(f"unknown setting --{flag} (valid names: {valid})")
+        config[name] = _parse_value(flag, text, defaults[name])
+    return config
+
+
+def _parse_value(flag, text, default):
+    expected = type(default)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if expected is str:
+        return value if isinstance(value, str) else text
+    if expected is bool and isinstance(text, str) and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise ConfigError(
+            f"--{flag} takes a {expected.__name__} (default {default!r}), got {text!r}"
+        )
+    return value
+
+
+def configure(defaults, argv, verbose=True):
+    """A script's effective configuration: its config block with `argv` applied.
+    Prints it, one setting a line, marking the overridden ones."""
+    config = parse_overrides(defaults, argv)
+    if verbose:
+        print_config(config, defaults)
+    return config
+
+
+def print_config(config, defaults=None):
+    width = max(len(name) for name in config)
+    for name, value in config.items():
+        changed = defaults is not None and defaults.get(name) != value
+        print(f"  {name.lower():<{width}} = {value!r}{'  (set)' if changed else ''}")
+
+
+def require(condition, message):
+    """Stop with exit code 2 unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def cli(main):
+    """Run `main(argv)` as a command: expected failures become one plain line on
+    stderr and the documented exit code, never a traceback."""
+    program = Path(sys.argv[0]).name
+    try:
+        main(sys.argv[1:])
+    except ConfigError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except DataError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_DATA)
+    except (Interrupted, KeyboardInterrupt) as error:
+        print(f"{program}: {error or 'interrupted'}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+# ---------------------------------------------------------------------------------
+# Run folders: OUT_DIR/<script>/<timestamp>/, never reused
+
+
+def new_run_dir(out_dir, script):
+    """Create and return a fresh run folder; an existing one is never reused."""
+    parent = Path(out_dir) / script
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        run_dir = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot create a new run folder in {parent}")
+
+
+def list_runs(out_dir, script, finished):
+    """Run folders of `script`, oldest first; finished ones hold metrics.json."""
+    parent = Path(out_dir) / script
+    if not parent.is_dir():
+        return []
+    runs = [
+        path
+        for path in parent.iterdir()
+        if (path / "config.json").is_file()
+        and (path / "metrics.json").is_file() == finished
+    ]
+    return sorted(runs, key=lambda path: (path.stat().st_mtime, path.name))
+
+
+def run_to_resume(resume, out_dir, script):
+    """The run folder that `--resume` names: a path, or "last" for the newest
+    unfinished run of `script`."""
+    if resume == "last":
+        unfinished = list_runs(out_dir, script, finished=False)
+        if not unfinished:
+            raise ConfigError(
+                f"--resume=last: no unfinished run in {Path(out_dir) / script}"
+            )
+        return unfinished[-1]
+    run_dir = Path(resume)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume={resume}: not a run folder (no config.json in it)")
+    if (run_dir / "metrics.json").is_file():
+        raise ConfigError(
+            f"--resume={resume}: that run has finished (metrics.json exists)"
+        )
+    return run_dir
+
+
+def resumed_config(run_dir, config, defaults, may_change=("RESUME", "VERBOSE")):
+    """The saved configuration of `run_dir`, so a resumed run ends as it began.
+    Only the settings in `may_change` may be overridden on resume."""
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    changed = [
+        name
+        for name in config
+        if name not in may_change and config[name] != defaults[name]
+    ]
+    require(
+        not changed,
+        f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
+    )
+    return {**saved, **{name: config[name] for name in may_change if name in config}}
+
+
+def write_json(path, payload):
+    """Write JSON atomically: a reader never sees half a file."""
+    path = Path(path)
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    partial.replace(path)
+
+
+def save_run_config(run_dir, script, config, data_source, **extra):
+    """config.json: the effective configuration, what the data was, library versions,
+    and `extra` facts evaluate.py needs (e.g. the input range the model expects)."""
+    write_json(
+        run_dir / "config.json",
+        {
+            "script": script,
+            "config": config,
+            "data_source": data_source,
+            **extra,
+            "versions": {
+                "python": platform.python_version(),
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "numpy": np.__version__,
+            },
+            "devices": [device.name for device in tf.config.list_logical_devices()],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Set-up: seeds, devices, precision
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and TensorFlow so a run can be repeated."""
+    keras.utils.set_random_seed(seed)
+
+
+def distribution_strategy():
+    """MirroredStrategy over all GPUs when there are several, else the default."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
+    return tf.distribute.get_strategy()
+
+
+def set_precision(mixed_precision):
+    """float16 compute with float32 weights on GPUs; float32 everywhere otherwise."""
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if mixed_precision else "float32"
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Training: Keras callbacks for checkpoint, history, NaN guard and resume
+
+
+class History(keras.callbacks.CSVLogger):
+    """history.csv, one row per epoch written as it ends, with the training phase,
+    the epoch's wall time and its training throughput (validation excluded)."""
+
+    def __init__(self, filename, phase, images_per_epoch):
+        super().__init__(str(filename), append=True)
+        self.phase = phase
+        self.images_per_epoch = images_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = self.validation_start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self.validation_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = time.perf_counter()
+        train_seconds = (self.validation_start - self.epoch_start) or (
+            end - self.epoch_start
+        )
+        logs = {
+            **(logs or {}),
+            "phase": self.phase,
+            "epoch_seconds": round(end - self.epoch_start, 3),
+            "images_per_second": round(self.images_per_epoch / train_seconds, 1),
+        }
+        super().on_epoch_end(epoch, logs)
+
+
+def read_history(run_dir):
+    """history.csv as a list of dicts with numbers parsed; empty before epoch 1."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    return [{key: _number(value) for key, value in row.items()} for row in rows]
+
+
+def _number(text):
+    try:
+        return float(text) if any(c in text for c in ".en") else int(text)
+    except ValueError:
+        return text
+
+
+def fit(
+    model,
+    train_data,
+    validation_data,
+    run_dir,
+    *,
+    phase,
+    epochs,
+    initial_epoch=0,
+    steps_per_epoch=None,
+    images_per_epoch,
+    early_stopping_patience=0,
+    verbose=1,
+):
+    """`model.fit` with the run's callbacks. Safe to call again on the same run
+    folder: it restores the last finished epoch (weights and optimizer state) from
+    `backup/<phase>` and goes on to `epochs`. Ctrl-C keeps the best checkpoint,
+    the history and the backup, and raises `Interrupted` with the resume command."""
+    history_rows = read_history(run_dir)
+    best = max((row["val_accuracy"] for row in history_rows), default=None)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(
+            str(run_dir / "backup" / phase), delete_checkpoint=False
+        ),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "model.keras"),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=best,
+        ),
+        History(run_dir / "history.csv", phase, images_per_epoch),
+    ]
+    if early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=early_stopping_patience
+            )
+        )
+    try:
+        model.fit(
+            train_data,
+            validation_data=validation_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    except KeyboardInterrupt:
+        script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "<script>"
+        raise Interrupted(
+            f"interrupted; best checkpoint and history kept in {run_dir}. "
+            f"Resume with: python {script} --resume={run_dir}"
+        ) from None
+    losses = model.history.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        raise ConfigError(
+            f"training diverged (loss became NaN); lower the learning rate. "
+            f"History kept in {run_dir}"
+        )
+
+
+def finish(run_dir, model, test_data, **facts):
+    """Evaluate the best checkpoint once on the test set and write metrics.json,
+    which marks the run finished; the resume backup is then removed."""
+    checkpoint = run_dir / "model.keras"
+    if not checkpoint.is_file():
+        model.save(checkpoint)
+    best = keras.models.load_model(checkpoint)
+    test_loss, test_accuracy = best.evaluate(test_data, verbose=0)
+    history_rows = read_history(run_dir)
+    metrics = {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "best_val_accuracy": max(row["val_accuracy"] for row in history_rows),
+        "epochs": len(history_rows),
+        "train_seconds": round(sum(row["epoch_seconds"] for row in history_rows), 1),
+        # The median epoch, so the first epoch's graph tracing does not count.
+        "images_per_second": float(
+            np.median([row["images_per_second"] for row in history_rows])
+        ),
+        "params": int(best.count_params()),
+        **facts,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    return metrics
