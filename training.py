@@ -347,6 +347,7 @@ def fit(
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
+            shuffle=False,  # the tf.data pipeline shuffles
             verbose=verbose,
         )
     except KeyboardInterrupt:
