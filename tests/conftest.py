@@ -134,3 +134,41 @@ def own_stderr_lines(stderr):
         )
         and not (len(line) > 5 and line[0] in "IWEF" and line[1:5].isdigit())
     ]
+
+
+TINY_RUN = ["--batch_size=32", "--verbose=0"]
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory):
+    """OUT_DIR shared by the session's tiny runs."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def scratch_run(cifar_dir, runs_dir):
+    """A finished tiny scratch_cnn run folder (trained in-process, once a session)."""
+    import scratch_cnn
+
+    return scratch_cnn.main(
+        [f"--data_dir={cifar_dir}", f"--out_dir={runs_dir}", "--epochs=4", "--width=16"]
+        + TINY_RUN
+    )
+
+
+@pytest.fixture(scope="session")
+def transfer_run(cifar_dir, runs_dir):
+    """A finished tiny transfer_mobilenetv2 run folder, random weights, 32 px."""
+    import transfer_mobilenetv2
+
+    return transfer_mobilenetv2.main(
+        [
+            f"--data_dir={cifar_dir}",
+            f"--out_dir={runs_dir}",
+            "--weights=none",
+            "--img_size=32",
+            "--head_epochs=1",
+            "--fine_tune_epochs=1",
+        ]
+        + TINY_RUN
+    )
