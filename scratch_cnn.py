@@ -158,7 +158,8 @@ def main(argv):
     )
 
     # Model
-    with training.distribution_strategy().scope():
+    strategy = training.distribution_strategy()
+    with strategy.scope():
         model = build_model(
             config["IMG_SIZE"],
             config["WIDTH"],
@@ -179,7 +180,10 @@ def main(argv):
             metrics=["accuracy"],
             jit_compile=config["JIT_COMPILE"],
         )
-    print(f"model: {model.name}, {model.count_params():,} parameters")
+    print(
+        f"model: {model.name}, {model.count_params():,} parameters, "
+        f"{strategy.num_replicas_in_sync} replica(s)"
+    )
 
     # Train
     if run_dir is None:

@@ -180,9 +180,12 @@ def run_to_resume(resume, out_dir, script):
     return run_dir
 
 
-def resumed_config(run_dir, config, defaults, may_change=("RESUME", "VERBOSE")):
+def resumed_config(
+    run_dir, config, defaults, may_change=("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")
+):
     """The saved configuration of `run_dir`, so a resumed run ends as it began.
-    Only the settings in `may_change` may be overridden on resume."""
+    Only the settings in `may_change` (where things are, how much to print) may
+    be overridden on resume."""
     saved = json.loads((run_dir / "config.json").read_text())["config"]
     changed = [
         name
@@ -193,7 +196,8 @@ def resumed_config(run_dir, config, defaults, may_change=("RESUME", "VERBOSE")):
         not changed,
         f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
     )
-    return {**saved, **{name: config[name] for name in may_change if name in config}}
+    given = {name: config[name] for name in may_change if config[name] != defaults[name]}
+    return {**saved, **given, "RESUME": config["RESUME"]}
 
 
 def write_json(path, payload):
