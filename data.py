@@ -55,34 +55,54 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
 
+def keras_datasets_dir():
+    """The folder keras.datasets downloads into, chosen as Keras chooses it:
+    $KERAS_HOME, else ~/.keras, and /tmp/.keras when that is not writable."""
+    if "KERAS_HOME" in os.environ:
+        home = Path(os.environ["KERAS_HOME"]).expanduser()
+    else:
+        home = Path.home() / ".keras"
+        if not os.access(Path.home(), os.W_OK):
+            home = Path("/tmp/.keras")
+    if home.exists() and not os.access(home, os.W_OK):
+        home = Path("/tmp/.keras")
+    return home / "datasets"
+
+
 def keras_cache_dirs():
     """Where keras.datasets.cifar10 leaves the extracted batches: Keras >= 3.6, then
-    older versions. Keras uses $KERAS_HOME, else ~/.keras (or /tmp/.keras when that
-    is not writable)."""
-    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
-    datasets = [home / "datasets", Path("/tmp/.keras/datasets")]
+    older versions."""
+    datasets = keras_datasets_dir()
     return [
-        folder / "cifar-10-batches-py-target" / BATCHES_FOLDER for folder in datasets
-    ] + [folder / BATCHES_FOLDER for folder in datasets]
+        datasets / "cifar-10-batches-py-target" / BATCHES_FOLDER,
+        datasets / BATCHES_FOLDER,
+    ]
+
+
+BATCH_FILES = (*TRAIN_BATCHES, TEST_BATCH)
 
 
 def find_source(path):
-    """The batches folder or archive that `path` holds or is, else None."""
+    """The batches folder or archive that `path` holds or is, else None. A folder
+    with only some of the batch files still counts, so the error names the rest."""
     path = Path(path).expanduser()
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-        return path
-    for candidate in (path / BATCHES_FOLDER, path, path / ARCHIVE_NAME):
-        if candidate.is_dir() and (candidate / TEST_BATCH).exists():
-            return candidate
-        if candidate.is_file():
-            return candidate
+    if path.is_file():
+        return path  # read_cifar10 says so if it is not a .tar.gz
+    for folder in (path / BATCHES_FOLDER, path):
+        if any((folder / name).is_file() for name in BATCH_FILES):
+            return folder
+    if (path / ARCHIVE_NAME).is_file():
+        return path / ARCHIVE_NAME
+    if (path / BATCHES_FOLDER).is_dir():
+        return path / BATCHES_FOLDER
     return None
 
 
 def load_cifar10(data_dir=""):
     """(train_images, train_labels, test_images, test_labels, source): images uint8
     (N, 32, 32, 3), labels int32 (N,). Looks in `data_dir`, $CIFAR10_DIR, the Keras
-    cache, then downloads once through Keras."""
+    cache (extracted batches, or cifar-10-python.tar.gz put there by hand), then
+    downloads once through Keras."""
     for origin, where in (
         ("--data_dir", data_dir),
         ("CIFAR10_DIR", os.environ.get("CIFAR10_DIR")),
@@ -98,6 +118,9 @@ def load_cifar10(data_dir=""):
     for cached in keras_cache_dirs():
         if (cached / TEST_BATCH).exists():
             return (*read_cifar10(cached), str(cached))
+    archive = keras_datasets_dir() / ARCHIVE_NAME
+    if archive.is_file():
+        return (*read_cifar10(archive), str(archive))
     return (*download_cifar10(), "keras.datasets.cifar10 download")
 
 
@@ -109,9 +132,11 @@ def download_cifar10():
             keras.datasets.cifar10.load_data()
         )
     except Exception as error:  # urllib, HTTP and archive errors all land here
-        cache = keras_cache_dirs()[0].parent.parent
+        cache = keras_datasets_dir()
+        # Keras wraps URL errors in a bare Exception: its text holds the reason.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise training.DataError(
-            f"CIFAR-10 is not on this machine and the download failed ({type(error).__name__}). "
+            f"CIFAR-10 is not on this machine and the download failed ({reason}). "
             f"Pass --data_dir=FOLDER holding {ARCHIVE_NAME} or {BATCHES_FOLDER}/, "
             f"or put {ARCHIVE_NAME} in {cache}/"
         ) from None
@@ -125,6 +150,10 @@ def download_cifar10():
 
 # ---------------------------------------------------------------------------------
 # Reading batch files: pickles, so admit nothing but numpy array reconstruction
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A batch file asked for something other than numpy array reconstruction."""
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -145,7 +174,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+            raise RefusedGlobal(f"refused to load {module}.{name}")
         if module.startswith("numpy.core"):
             module = module.replace("numpy.core", "numpy._core", 1)
         return super().find_class(module, name)
@@ -155,11 +184,16 @@ def parse_batch(raw, name):
     """One batch file's bytes -> (images uint8 (N, 32, 32, 3), labels int32 (N,))."""
     try:
         batch = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except pickle.UnpicklingError as error:
-        raise training.DataError(f"{name}: not a CIFAR-10 batch file ({error})") from None
-    except Exception as error:  # truncated or corrupt: EOFError, ValueError, ...
+    except RefusedGlobal as error:
         raise training.DataError(
-            f"{name}: truncated or corrupt ({type(error).__name__}); download it again"
+            f"{name}: not a CIFAR-10 batch file ({error}, which could run code)"
+        ) from None
+    except Exception as error:  # truncated or corrupt: EOFError, UnpicklingError, ...
+        detail = (
+            error if isinstance(error, pickle.UnpicklingError) else type(error).__name__
+        )
+        raise training.DataError(
+            f"{name}: truncated or corrupt ({detail}); download it again"
         ) from None
     if not isinstance(batch, dict):
         raise training.DataError(f"{name}: expected a dict, found {type(batch).__name__}")
@@ -203,7 +237,13 @@ def read_cifar10(source):
                 raise training.DataError(
                     f"{path}: missing; the folder needs {', '.join(TRAIN_BATCHES)} and {TEST_BATCH}"
                 )
-            return parse_batch(path.read_bytes(), str(path))
+            try:
+                raw = path.read_bytes()
+            except OSError as error:
+                raise training.DataError(
+                    f"{path}: unreadable ({error.strerror})"
+                ) from None
+            return parse_batch(raw, str(path))
 
         return _assemble(read)
     try:
@@ -319,13 +359,20 @@ def make_dataset(
     labels (B, 10)). The uint8 array is held once (150 MB for 50,000 images); only
     shuffled indices flow, and each batch is gathered, augmented at 32 px, resized
     to `image_size` and scaled on its own."""
-    images = tf.convert_to_tensor(images, dtype=tf.uint8)
+    images = np.asarray(images, dtype=np.uint8)
     labels = tf.convert_to_tensor(labels, dtype=tf.int32)
     low, high = value_range
     scale = (high - low) / 255.0
 
+    def gather(index):
+        # Batches are gathered from the caller's array itself: turning the whole
+        # array into a tensor would copy it, and briefly hold it twice more.
+        return images[index]
+
     def load_batch(index):
-        batch = tf.cast(tf.gather(images, index), tf.float32)
+        batch = tf.numpy_function(gather, [index], tf.uint8, stateful=False)
+        batch = tf.ensure_shape(batch, (None, NATIVE_SIZE, NATIVE_SIZE, 3))
+        batch = tf.cast(batch, tf.float32)
         if augmenter is not None:
             batch = augmenter(batch, training=True)
         if image_size != NATIVE_SIZE:

@@ -1,0 +1,258 @@
+"""training.py's override helper (--name=value against a config block), the exit
+code of a bad command line, run folders that are never reused, and atomic JSON."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import pytest
+from conftest import own_stderr_lines, run_script
+
+import data
+import training
+
+DEFAULTS = training.config_block(
+    {
+        "EPOCHS": 10,
+        "LEARNING_RATE": 1e-3,
+        "AUGMENT_FLIP": True,
+        "DATA_DIR": "",
+        "OUT_DIR": "runs",
+        "CLASS_NAMES": ("cat", "dog"),  # not a scalar: not a setting
+        "lower_case": 1,  # not UPPER_CASE: not a setting
+        "Mixed": 2,
+    }
+)
+
+
+def parse(*argv):
+    return training.parse_overrides(DEFAULTS, list(argv))
+
+
+# ---------------------------------------------------------------------------------
+# The config block
+
+
+def test_config_block_holds_the_upper_case_scalars_in_order():
+    assert list(DEFAULTS) == [
+        "EPOCHS",
+        "LEARNING_RATE",
+        "AUGMENT_FLIP",
+        "DATA_DIR",
+        "OUT_DIR",
+    ]
+
+
+def test_data_py_config_block_is_its_settings_and_nothing_after():
+    assert data.CONFIG["DATA_DIR"] == "" and data.CONFIG["VAL_FRACTION"] == 0.1
+    assert {"SEED", "TRAIN_IMAGES", "AUGMENT_FLIP", "PLOTS_DIR"} <= set(data.CONFIG)
+    # Constants defined below the block are not settings.
+    for constant in ("NUM_CLASSES", "NATIVE_SIZE", "ARCHIVE_NAME", "CONFIG"):
+        assert constant not in data.CONFIG
+
+
+# ---------------------------------------------------------------------------------
+# Overrides that work
+
+
+def test_override_sets_the_upper_case_name_and_leaves_the_rest():
+    config = parse("--epochs=3")
+    assert config["EPOCHS"] == 3 and type(config["EPOCHS"]) is int
+    assert {name: config[name] for name in DEFAULTS if name != "EPOCHS"} == {
+        name: value for name, value in DEFAULTS.items() if name != "EPOCHS"
+    }
+    assert DEFAULTS["EPOCHS"] == 10  # the defaults are not changed
+    assert parse() == DEFAULTS
+
+
+def test_later_overrides_win_and_dashes_mean_underscores():
+    assert parse("--epochs=3", "--epochs=5")["EPOCHS"] == 5
+    assert parse("--data-dir=/d")["DATA_DIR"] == "/d"
+    assert parse("--EPOCHS=4")["EPOCHS"] == 4
+
+
+@pytest.mark.parametrize(
+    "text, value", [("1", 1.0), ("2e-4", 2e-4), ("0.5", 0.5), ("-3", -3.0)]
+)
+def test_int_or_float_given_to_a_float(text, value):
+    learning_rate = parse(f"--learning_rate={text}")["LEARNING_RATE"]
+    assert learning_rate == value and type(learning_rate) is float
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("True", True), ("true", True), ("TRUE", True), ("False", False), ("false", False)],
+)
+def test_bool_values(text, value):
+    assert parse(f"--augment_flip={text}")["AUGMENT_FLIP"] is value
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("/data/cifar", "/data/cifar"),
+        ("~/data", "~/data"),
+        ("123", "123"),  # a number, kept as the text given
+        ("True", "True"),
+        ("'quoted'", "quoted"),
+        ("a=b", "a=b"),  # only the first '=' separates name and value
+        ("", ""),
+        ("two words", "two words"),
+    ],
+)
+def test_strings_may_be_given_bare(text, value):
+    assert parse(f"--data_dir={text}")["DATA_DIR"] == value
+
+
+def test_configure_prints_every_setting_and_marks_overrides(capsys):
+    config = training.configure(DEFAULTS, ["--epochs=3", "--out_dir=elsewhere"])
+    assert config["OUT_DIR"] == "elsewhere"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(DEFAULTS)
+    marked = {line.split()[0] for line in lines if line.endswith("(set)")}
+    assert marked == {"epochs", "out_dir"}
+    assert any(line.split() == ["epochs", "=", "3", "(set)"] for line in lines)
+    training.configure(DEFAULTS, ["--epochs=3"], verbose=False)
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------
+# Overrides that stop the script
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(training.ConfigError) as error:
+        parse("--epoch=3")
+    message = str(error.value)
+    assert "unknown setting --epoch " in message
+    for name in (
+        "--epochs",
+        "--learning_rate",
+        "--augment_flip",
+        "--data_dir",
+        "--out_dir",
+    ):
+        assert name in message
+    for not_a_setting in ("class_names", "lower_case", "mixed"):
+        with pytest.raises(training.ConfigError, match="unknown setting"):
+            parse(f"--{not_a_setting}=1")
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("--epochs=abc", "int"),
+        ("--epochs=1.5", "int"),
+        ("--epochs=True", "int"),  # a bool is not a number of epochs
+        ("--epochs=", "int"),
+        ("--epochs=[3]", "int"),
+        ("--learning_rate=fast", "float"),
+        ("--learning_rate=True", "float"),
+        ("--augment_flip=1", "bool"),
+        ("--augment_flip=yes", "bool"),
+    ],
+)
+def test_wrong_type_is_a_config_error(arg, expected):
+    flag, text = arg.split("=", 1)
+    with pytest.raises(training.ConfigError) as error:
+        parse(arg)
+    assert f"{flag} takes a {expected}" in str(error.value)
+    assert repr(text) in str(error.value)
+
+
+@pytest.mark.parametrize("arg", ["epochs=3", "--epochs", "-epochs=3", "3", "--", ""])
+def test_malformed_argument_is_a_config_error(arg):
+    with pytest.raises(training.ConfigError) as error:
+        parse(arg)
+    assert "expected --name=value" in str(error.value) and repr(arg) in str(error.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="training._parse_value catches only ValueError and SyntaxError from "
+    "ast.literal_eval, which raises TypeError here (and MemoryError/RecursionError "
+    "for other inputs): a traceback instead of exit 2. Remove this mark once fixed.",
+)
+def test_a_value_literal_eval_chokes_on_is_still_a_config_error():
+    with pytest.raises(training.ConfigError):
+        parse("--epochs={[]: 1}")
+
+
+# ---------------------------------------------------------------------------------
+# The command line: exit 2 before any work, one line why
+
+
+@pytest.fixture(scope="module")
+def bad_command_lines():
+    """Both runs side by side: each pays for a TensorFlow import."""
+    argvs = {"unknown": "--data_dirr=x", "wrong_type": "--seed=abc"}
+    with ThreadPoolExecutor(len(argvs)) as pool:
+        futures = {
+            key: pool.submit(run_script, "data.py", arg) for key, arg in argvs.items()
+        }
+        return {key: future.result() for key, future in futures.items()}
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("unknown", ["unknown setting --data_dirr", "--data_dir,", "--plots_dir"]),
+        ("wrong_type", ["--seed takes a", "int", "'abc'"]),
+    ],
+)
+def test_bad_command_line_exits_2_with_one_line(case, needles, bad_command_lines):
+    result = bad_command_lines[case]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = own_stderr_lines(result.stderr)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("data.py: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    # Stopped before any work: not even the configuration was printed.
+    assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------------------
+# Run folders and JSON
+
+
+def test_run_folders_are_never_reused(tmp_path, monkeypatch):
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2025, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(training, "datetime", FrozenClock)
+    first = training.new_run_dir(tmp_path, "scratch_cnn")
+    (first / "model.keras").write_text("earlier run")
+    second = training.new_run_dir(tmp_path, "scratch_cnn")
+    third = training.new_run_dir(tmp_path, "scratch_cnn")
+    assert first == tmp_path / "scratch_cnn" / "20250102-030405"
+    assert len({first, second, third}) == 3
+    assert all(path.is_dir() for path in (first, second, third))
+    assert list(second.iterdir()) == [] and list(third.iterdir()) == []
+    assert (first / "model.keras").read_text() == "earlier run"
+
+
+def test_two_run_folders_in_the_same_second_differ(tmp_path):
+    folders = [training.new_run_dir(tmp_path / "out", "transfer") for _ in range(5)]
+    assert len(set(folders)) == 5
+    assert all(folder.parent == tmp_path / "out" / "transfer" for folder in folders)
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "metrics.json"
+    training.write_json(path, {"test_accuracy": 0.5, "where": tmp_path})
+    assert json.loads(path.read_text()) == {"test_accuracy": 0.5, "where": str(tmp_path)}
+    training.write_json(path, {"test_accuracy": 0.75})
+    assert json.loads(path.read_text()) == {"test_accuracy": 0.75}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    # A payload that cannot be written leaves the earlier file whole, and no debris.
+    circular = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError):
+        training.write_json(path, circular)
+    assert json.loads(path.read_text()) == {"test_accuracy": 0.75}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
