@@ -73,7 +73,7 @@ def _parse_value(flag, text, default):
     expected = type(default)
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except Exception:  # not a literal (or one too deep to parse): keep the text
         value = text
     if expected is str:
         return value if isinstance(value, str) else text
@@ -83,9 +83,13 @@ def _parse_value(flag, text, default):
         return float(value)
     if type(value) is not expected:
         raise ConfigError(
-            f"--{flag} takes a {expected.__name__} (default {default!r}), got {text!r}"
+            f"--{flag} takes {article(expected.__name__)} (default {default!r}), got {text!r}"
         )
     return value
+
+
+def article(noun):
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def configure(defaults, argv, verbose=True):

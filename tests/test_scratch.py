@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_at_the_next_epoch(cifar_dir, tmp_path, monkeypa
     "flag, message",
     [
         ("--epochz=3", "unknown setting --epochz"),
-        ("--epochs=abc", "--epochs takes a int"),
+        ("--epochs=abc", "--epochs takes an int"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flag, message, tmp_path):
