@@ -1,0 +1,413 @@
+"""MobileNetV2 from ImageNet weights fine-tuned on CIFAR-10 resized to 96x96, in two
+phases: a new head on the frozen base, then the base but its first 10 layers.
+
+    python transfer_mobilenetv2.py                   # full run: ImageNet weights, 96 px
+    python transfer_mobilenetv2.py --train_images=2000 \
+        --head_epochs=1 --fine_tune_epochs=1         # quick CPU check, a few minutes
+    python transfer_mobilenetv2.py --weights=none    # random start: ImageNet's worth
+    python transfer_mobilenetv2.py --weights=PATH    # offline: a weights file, such as
+        # mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5
+    python transfer_mobilenetv2.py --resume=last     # go on with an interrupted run
+
+Result: a TARGET of 95%+ test accuracy at 96 px with ImageNet weights and the defaults,
+not yet measured on real CIFAR-10 (public Keras runs at 96 px report about 88%; the
+report fed MobileNetV2 [0, 1] inputs where it expects [-1, 1]). Speed and memory: see
+bench.py and the README.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import keras
+
+import data
+import training
+
+# ---------------------------------------------------------------------------------
+# Config (python transfer_mobilenetv2.py --name=value overrides any of these)
+
+DATA_DIR = ""  # CIFAR-10 folder or .tar.gz; "" = $CIFAR10_DIR, Keras cache, download
+TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
+VAL_FRACTION = 0.1  # share of the training images held out for validation
+IMG_SIZE = 96  # pixels: the side images are resized to; ImageNet weights: 96-224 by 32
+BATCH_SIZE = 128  # images per step
+AUGMENT_FLIP = True  # random horizontal flips
+AUGMENT_TRANSLATE = 0.125  # random shifts with reflect padding, fraction of the side
+AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)
+AUGMENT_ZOOM = 0.0  # random zoom, fraction of the side (0 = off)
+AUGMENT_CONTRAST = 0.0  # random contrast change, fraction (0 = off)
+WEIGHTS = "imagenet"  # "imagenet" (downloaded once), a weights file path, or "none"
+DROPOUT = 0.2  # dropout rate before the classifier
+HEAD_EPOCHS = 3  # phase 1: epochs training the new head on the frozen base; 0 = skip
+HEAD_LR = 1e-3  # phase 1 learning rate, constant (AdamW)
+FINE_TUNE_EPOCHS = 15  # phase 2: epochs with the base trainable; 0 = head only
+FINE_TUNE_LR = 1e-4  # phase 2 peak learning rate (AdamW), 10x lower than the head's
+FREEZE_FIRST = 10  # base layers (of 154, input included) kept frozen in phase 2
+CALIBRATION_IMAGES = 1024  # --weights=none only: images that set BatchNorm statistics
+WARMUP_EPOCHS = 1  # phase 2: linear warm-up from 0, then cosine decay to 0 at the end
+WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay, scaled by the learning rate
+LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
+STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
+EARLY_STOPPING_PATIENCE = 0  # phase 2 epochs without a better val_accuracy; 0 = off
+MIXED_PRECISION = False  # float16 compute: faster on recent GPUs, slower on CPU
+JIT_COMPILE = False  # XLA-compile the train step: try it on GPUs
+SEED = 0  # seeds the split, shuffling, augmentation and the initial weights
+OUT_DIR = "runs"  # run folders go to OUT_DIR/transfer_mobilenetv2/<timestamp>/
+RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
+VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = one line per epoch
+CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+
+SCRIPT = "transfer_mobilenetv2"
+# MobileNetV2's own preprocess_input range: its ImageNet weights were trained on
+# pixels / 127.5 - 1. The report fed [0, 1], which silently costs accuracy.
+VALUE_RANGE = (-1.0, 1.0)
+IMAGENET_SIZES = (96, 128, 160, 192, 224)  # pixels: the sizes Keras has weights for
+CALIBRATION_CHUNK = 32  # images per eager pass when calibrating: bounds its memory
+IMAGENET_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+)
+
+
+# ---------------------------------------------------------------------------------
+# Model: weights (ImageNet through the Keras cache, a file, or none), network, phases
+
+
+def imagenet_weights_name(image_size):
+    """The file Keras downloads for a 1.0-width MobileNetV2 base at `image_size`."""
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{image_size}_no_top.h5"
+
+
+def keras_models_dir():
+    """Where Keras caches downloaded weights: $KERAS_HOME/models, else
+    ~/.keras/models (/tmp/.keras/models when that is not writable)."""
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
+    if not os.access(home, os.W_OK):
+        home = Path("/tmp/.keras")
+    return home / "models"
+
+
+def resolve_weights(weights, image_size):
+    """The `weights` argument for MobileNetV2: None for "none", else the path of a
+    weights file. "imagenet" is fetched once into the Keras cache; every check is
+    made before that download, so a bad setting costs no time."""
+    choices = "--weights=imagenet|PATH|none"
+    if weights == "none":
+        return None
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise training.DataError(
+                f"--weights={weights}: no such file; expected a MobileNetV2 base "
+                f"weights file (.h5 or .weights.h5). Choices: {choices}"
+            )
+        return str(path)
+    # Keras would warn and quietly load the 224 px weights for any other size.
+    training.require(
+        image_size in IMAGENET_SIZES,
+        f"--img_size={image_size}: ImageNet weights exist only for "
+        f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
+    )
+    name = imagenet_weights_name(image_size)
+    models_dir = keras_models_dir()
+    try:
+        return keras.utils.get_file(
+            name,
+            IMAGENET_URL + name,
+            cache_dir=str(models_dir.parent),
+            cache_subdir="models",
+        )
+    except Exception as error:  # urllib, HTTP and proxy errors all land here
+        # Keras words it "URL fetch failure on <url>: <code> -- <reason>".
+        reason = str(error).rsplit(" -- ", 1)[-1][:100] or type(error).__name__
+        raise training.DataError(
+            f"the MobileNetV2 ImageNet weights are not cached and the download "
+            f"failed ({reason}).\nPut {name} from {IMAGENET_URL} in {models_dir}/, "
+            f"or pass {choices} (PATH: that file)"
+        ) from None
+
+
+def build_model(image_size, weights, dropout, num_classes=data.NUM_CLASSES):
+    """(model, base): MobileNetV2 without its ImageNet classifier (`weights`: None,
+    "imagenet" or a weights file), then global average pooling, dropout and a
+    softmax over `num_classes`. Inputs are images in [-1, 1]."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    # A file of the wrong model makes Keras warn once per layer before it fails:
+    # hold the warnings, and show them only if the weights did load.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            base = keras.applications.MobileNetV2(
+                include_top=False,
+                input_shape=(image_size, image_size, 3),
+                weights=weights,
+            )
+        except (OSError, ValueError) as error:
+            if weights is None:
+                raise
+            reason = (str(error).strip().splitlines() or [""])[0][:160]
+            raise training.DataError(
+                f"--weights={weights}: cannot load it into MobileNetV2 without its top "
+                f"({type(error).__name__}: {reason}); expected one of Keras's "
+                f"mobilenet_v2_weights_*_1.0_*_no_top.h5 or a .weights.h5 saved from "
+                f"such a base"
+            ) from None
+    for warning in caught:
+        warnings.warn_explicit(
+            warning.message, warning.category, warning.filename, warning.lineno
+        )
+    # training=False states the intent; Keras <= 3.15 ignores it inside fit, so
+    # freeze_base and unfreeze_for_fine_tuning freeze the BatchNorm layers themselves.
+    x = base(inputs, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    # Softmax in float32 even under mixed precision, for a stable loss.
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="classes"
+    )(x)
+    return keras.Model(inputs, outputs, name="mobilenetv2_transfer"), base
+
+
+def freeze_base(base):
+    """Phase 1: the whole base frozen, BatchNorm included; only the head learns."""
+    base.trainable = False
+
+
+def unfreeze_for_fine_tuning(base, freeze_first):
+    """Phase 2: the base trainable except its first `freeze_first` layers and every
+    BatchNormalization layer. A frozen BatchNorm layer runs in inference mode: it
+    normalizes with its moving statistics and leaves them as they are."""
+    base.trainable = True
+    for layer in base.layers[:freeze_first]:
+        layer.trainable = False
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def calibrate_batchnorm(base, dataset, images, chunk=CALIBRATION_CHUNK):
+    """Set every BatchNorm layer's moving statistics to their average over the
+    first `images` images of `dataset`, `chunk` at a time. For a random base only:
+    its statistics are placeholders (mean 0, variance 1) that, frozen, shrink its
+    features to about 1e-12 and its gradients with them, so nothing would learn."""
+    layers = [
+        layer
+        for layer in base.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    saved = [(layer.momentum, layer.trainable) for layer in layers]
+    # A frozen BatchNorm layer ignores batch statistics; in training mode with
+    # momentum k / (k + 1), its moving statistics become the mean over chunks 0..k.
+    # Eager passes hold every activation at once: small chunks keep that small.
+    for layer in layers:
+        layer.trainable = True
+    chunks = dataset.unbatch().batch(chunk).take(-(-images // chunk))
+    for index, (batch, _) in enumerate(chunks):
+        for layer in layers:
+            layer.momentum = index / (index + 1)
+        base(batch, training=True)
+    for layer, (momentum, trainable) in zip(layers, saved):
+        layer.momentum, layer.trainable = momentum, trainable
+
+
+def make_fine_tune_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
+    """AdamW under a linear warm-up from 0 to `learning_rate`, then cosine decay to
+    0 at `total_steps`: the first steps stay small, so the pretrained features are
+    not thrown off before the optimizer's moment estimates settle."""
+    warmup_steps = min(warmup_steps, total_steps)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        warmup_target=learning_rate,
+        warmup_steps=warmup_steps,
+    )
+    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+
+
+def compile_model(model, optimizer, label_smoothing, jit_compile):
+    """Compile for one phase; a phase that changes what is trainable must call it."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def count_trainable(model):
+    """Parameters the optimizer updates in the current phase."""
+    return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
+
+
+# ---------------------------------------------------------------------------------
+# Train
+
+
+def main(argv):
+    config = training.configure(CONFIG, argv)
+    run_dir = None
+    if config["RESUME"]:
+        run_dir = training.run_to_resume(config["RESUME"], config["OUT_DIR"], SCRIPT)
+        config = training.resumed_config(run_dir, config, CONFIG)
+        print(f"resuming {run_dir}")
+    training.require(config["IMG_SIZE"] >= 32, "--img_size must be 32 or more")
+    training.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    training.require(
+        config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
+        "--head_epochs and --fine_tune_epochs must be 0 or more",
+    )
+    training.require(
+        config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
+        "--head_epochs and --fine_tune_epochs are both 0: nothing to train",
+    )
+    training.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
+    training.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
+    training.require(
+        config["CALIBRATION_IMAGES"] > 0, "--calibration_images must be positive"
+    )
+    weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
+    training.seed_everything(config["SEED"])
+    training.set_precision(config["MIXED_PRECISION"])
+
+    # Data
+    train_images, train_labels, test_images, test_labels, source = data.load_cifar10(
+        config["DATA_DIR"]
+    )
+    x_train, y_train, x_val, y_val = data.split(
+        train_images,
+        train_labels,
+        config["VAL_FRACTION"],
+        config["SEED"],
+        config["TRAIN_IMAGES"],
+    )
+    augmenter = data.make_augmenter(
+        config["AUGMENT_FLIP"],
+        config["AUGMENT_TRANSLATE"],
+        config["AUGMENT_ROTATE"],
+        config["AUGMENT_ZOOM"],
+        config["AUGMENT_CONTRAST"],
+        seed=config["SEED"],
+    )
+    steps_per_epoch = config["STEPS_PER_EPOCH"] or -(
+        -len(y_train) // config["BATCH_SIZE"]
+    )
+    # uint8 in memory; each batch is resized to IMG_SIZE and scaled on its own, so
+    # the 5.5 GB float32 copy of CIFAR-10 at 96 px never exists.
+    pipeline = {
+        "batch_size": config["BATCH_SIZE"],
+        "image_size": config["IMG_SIZE"],
+        "value_range": VALUE_RANGE,
+    }
+    train_data = data.make_dataset(
+        x_train, y_train, **pipeline, augmenter=augmenter, shuffle=True, seed=config["SEED"],
+        repeat=bool(config["STEPS_PER_EPOCH"]),
+    )  # fmt: skip
+    val_data = data.make_dataset(x_val, y_val, **pipeline)
+    test_data = data.make_dataset(test_images, test_labels, **pipeline)
+    print(
+        f"data: {source}; train {len(y_train)}, validation {len(y_val)}, test {len(test_labels)}"
+    )
+
+    # Model
+    strategy = training.distribution_strategy()
+    with strategy.scope():
+        model, base = build_model(config["IMG_SIZE"], weights, config["DROPOUT"])
+        training.require(
+            config["FREEZE_FIRST"] <= len(base.layers),
+            f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
+        )
+        batchnorm_statistics = "from the weights, frozen"
+        if weights is None:
+            calibrate_batchnorm(base, train_data, config["CALIBRATION_IMAGES"])
+            batchnorm_statistics = (
+                f"calibrated on {min(config['CALIBRATION_IMAGES'], len(y_train))} "
+                f"training images, frozen"
+            )
+        freeze_base(base)
+        compile_model(
+            model,
+            keras.optimizers.AdamW(
+                config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
+            ),
+            config["LABEL_SMOOTHING"],
+            config["JIT_COMPILE"],
+        )
+    print(
+        f"model: {model.name}, {model.count_params():,} parameters; weights "
+        f"{weights or 'random'}; BatchNorm statistics {batchnorm_statistics}"
+    )
+
+    # Train
+    if run_dir is None:
+        run_dir = training.new_run_dir(config["OUT_DIR"], SCRIPT)
+        training.save_run_config(
+            run_dir,
+            SCRIPT,
+            config,
+            source,
+            value_range=VALUE_RANGE,
+            weights_file=weights,
+            frozen_first_layers=[
+                layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
+            ],
+            batchnorm_statistics=batchnorm_statistics,
+        )
+    print(f"run folder: {run_dir}")
+    fit_settings = {
+        "steps_per_epoch": steps_per_epoch if config["STEPS_PER_EPOCH"] else None,
+        "images_per_epoch": (
+            steps_per_epoch * config["BATCH_SIZE"]
+            if config["STEPS_PER_EPOCH"]
+            else len(y_train)
+        ),
+        "verbose": config["VERBOSE"],
+    }
+    if config["HEAD_EPOCHS"]:
+        print(
+            f"phase 1, head: {config['HEAD_EPOCHS']} epochs, base frozen, "
+            f"{count_trainable(model):,} trainable parameters"
+        )
+        # On a resumed run whose head phase is done, this restores its last epoch
+        # from backup/head and trains no further.
+        training.fit(
+            model, train_data, val_data, run_dir, phase="head",
+            epochs=config["HEAD_EPOCHS"], **fit_settings,
+        )  # fmt: skip
+    if config["FINE_TUNE_EPOCHS"]:
+        with strategy.scope():
+            unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
+            compile_model(
+                model,
+                make_fine_tune_optimizer(
+                    config["FINE_TUNE_LR"],
+                    config["WEIGHT_DECAY"],
+                    warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
+                    total_steps=config["FINE_TUNE_EPOCHS"] * steps_per_epoch,
+                ),
+                config["LABEL_SMOOTHING"],
+                config["JIT_COMPILE"],
+            )
+        print(
+            f"phase 2, fine-tune: {config['FINE_TUNE_EPOCHS']} epochs, first "
+            f"{config['FREEZE_FIRST']} base layers and BatchNorm frozen, "
+            f"{count_trainable(model):,} trainable parameters"
+        )
+        training.fit(
+            model, train_data, val_data, run_dir, phase="fine_tune",
+            epochs=config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"],
+            initial_epoch=config["HEAD_EPOCHS"],
+            early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], **fit_settings,
+        )  # fmt: skip
+
+    # Save/Report
+    metrics = training.finish(run_dir, model, test_data)
+    print(
+        f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
+        f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s "
+        f"({metrics['images_per_second']:.0f} images/s); run folder {run_dir}"
+    )
+    return run_dir
+
+
+if __name__ == "__main__":
+    training.cli(main)
