@@ -359,10 +359,9 @@ def fit(
             verbose=verbose,
         )
     except KeyboardInterrupt:
-        script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "<script>"
         raise Interrupted(
             f"interrupted; best checkpoint and history kept in {run_dir}. "
-            f"Resume with: python {script} --resume={run_dir}"
+            f"Resume with: python {Path(run_dir).parent.name}.py --resume={run_dir}"
         ) from None
     losses = model.history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
