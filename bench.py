@@ -118,14 +118,7 @@ def total_steps(run):
 
 def machine_info():
     """CPU, cores, memory, GPUs and library versions, for the table's heading."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = training.cpu_name()
     gpus = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
@@ -197,14 +190,7 @@ def training_pipeline(script, images, labels, batch_size, seed):
     """The script's own training pipeline: its augmentation, image size and input
     range, shuffled, repeated."""
     settings = script.CONFIG
-    augmenter = data.make_augmenter(
-        settings["AUGMENT_FLIP"],
-        settings["AUGMENT_TRANSLATE"],
-        settings["AUGMENT_ROTATE"],
-        settings["AUGMENT_ZOOM"],
-        settings["AUGMENT_CONTRAST"],
-        seed=seed,
-    )
+    augmenter = data.augmenter_for({**settings, "SEED": seed})
     return data.make_dataset(
         images, labels, batch_size=batch_size, image_size=settings["IMG_SIZE"],
         value_range=script.VALUE_RANGE, augmenter=augmenter, shuffle=True, seed=seed,

@@ -13,6 +13,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -390,6 +391,72 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def augmenter_for(config):
+    """The augmentation a script's AUGMENT_* settings describe, seeded by its SEED."""
+    return make_augmenter(
+        config["AUGMENT_FLIP"],
+        config["AUGMENT_TRANSLATE"],
+        config["AUGMENT_ROTATE"],
+        config["AUGMENT_ZOOM"],
+        config["AUGMENT_CONTRAST"],
+        seed=config["SEED"],
+    )
+
+
+class Pipelines(NamedTuple):
+    """A training script's data: three pipelines and the counts its training needs."""
+
+    train: tf.data.Dataset  # shuffled and augmented; repeated when STEPS_PER_EPOCH is set
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    sizes: dict  # images per split: {"train": ..., "validation": ..., "test": ...}
+    steps_per_epoch: int  # batches per epoch, for learning-rate schedules
+    fit_steps: int | None  # for model.fit: None = each epoch runs the whole set once
+    images_per_epoch: int
+    source: str  # where the data came from
+
+
+def pipelines_for(config, value_range):
+    """The data of a training script's run, from its config block: CIFAR-10 found
+    (DATA_DIR), the TRAIN_IMAGES subset and VAL_FRACTION split (SEED), and pipelines
+    of BATCH_SIZE batches at IMG_SIZE scaled to `value_range`."""
+    training.require(config["IMG_SIZE"] >= NATIVE_SIZE, "--img_size must be 32 or more")
+    training.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    train_images, train_labels, test_images, test_labels, source = load_cifar10(
+        config["DATA_DIR"]
+    )
+    x_train, y_train, x_val, y_val = split(
+        train_images,
+        train_labels,
+        config["VAL_FRACTION"],
+        config["SEED"],
+        config["TRAIN_IMAGES"],
+    )
+    batch_size, fixed_steps = config["BATCH_SIZE"], config["STEPS_PER_EPOCH"]
+    batches = dict(
+        batch_size=batch_size, image_size=config["IMG_SIZE"], value_range=value_range
+    )
+    steps_per_epoch = fixed_steps or -(-len(y_train) // batch_size)
+    return Pipelines(
+        train=make_dataset(
+            x_train,
+            y_train,
+            **batches,
+            augmenter=augmenter_for(config),
+            shuffle=True,
+            seed=config["SEED"],
+            repeat=bool(fixed_steps),
+        ),
+        validation=make_dataset(x_val, y_val, **batches),
+        test=make_dataset(test_images, test_labels, **batches),
+        sizes={"train": len(y_train), "validation": len(y_val), "test": len(test_labels)},
+        steps_per_epoch=steps_per_epoch,
+        fit_steps=fixed_steps or None,
+        images_per_epoch=fixed_steps * batch_size if fixed_steps else len(y_train),
+        source=source,
+    )
+
+
 # ---------------------------------------------------------------------------------
 # Report: python data.py
 
@@ -459,14 +526,10 @@ def main(argv):
     pick = rng.choice(
         len(y_train), size=min(config["FIGURE_IMAGES"], len(y_train)), replace=False
     )
-    augmenter = make_augmenter(
-        config["AUGMENT_FLIP"], config["AUGMENT_TRANSLATE"], config["AUGMENT_ROTATE"],
-        config["AUGMENT_ZOOM"], config["AUGMENT_CONTRAST"], config["SEED"],
-    )  # fmt: skip
     for path in save_figures(
         x_train[pick],
         y_train[pick],
-        augmenter,
+        augmenter_for(config),
         config["PLOTS_DIR"],
         config["FIGURE_SIZE"],
     ):

@@ -775,14 +775,7 @@ def confused_pairs_rows(runs, pairs, evaluations):
 
 def machine_description():
     """This machine in one line: CPU, cores, GPUs, OS and TensorFlow version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = training.cpu_name()
     gpus = [
         tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
         for gpu in tf.config.list_physical_devices("GPU")

@@ -105,57 +105,17 @@ def make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps)
 
 
 def main(argv):
-    config = training.configure(CONFIG, argv)
-    run_dir = None
-    if config["RESUME"]:
-        run_dir = training.run_to_resume(config["RESUME"], config["OUT_DIR"], SCRIPT)
-        config = training.resumed_config(run_dir, config, CONFIG)
-        print(f"resuming {run_dir}")
+    config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
     training.require(
         config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
     )
-    training.require(config["IMG_SIZE"] >= 32, "--img_size must be 32 or more")
-    training.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
     training.require(config["EPOCHS"] > 0, "--epochs must be positive")
     training.seed_everything(config["SEED"])
     training.set_precision(config["MIXED_PRECISION"])
 
-    # Data
-    train_images, train_labels, test_images, test_labels, source = data.load_cifar10(
-        config["DATA_DIR"]
-    )
-    x_train, y_train, x_val, y_val = data.split(
-        train_images,
-        train_labels,
-        config["VAL_FRACTION"],
-        config["SEED"],
-        config["TRAIN_IMAGES"],
-    )
-    augmenter = data.make_augmenter(
-        config["AUGMENT_FLIP"],
-        config["AUGMENT_TRANSLATE"],
-        config["AUGMENT_ROTATE"],
-        config["AUGMENT_ZOOM"],
-        config["AUGMENT_CONTRAST"],
-        seed=config["SEED"],
-    )
-    steps_per_epoch = config["STEPS_PER_EPOCH"] or -(
-        -len(y_train) // config["BATCH_SIZE"]
-    )
-    pipeline = dict(
-        batch_size=config["BATCH_SIZE"],
-        image_size=config["IMG_SIZE"],
-        value_range=VALUE_RANGE,
-    )
-    train_data = data.make_dataset(
-        x_train, y_train, **pipeline, augmenter=augmenter, shuffle=True, seed=config["SEED"],
-        repeat=bool(config["STEPS_PER_EPOCH"]),
-    )  # fmt: skip
-    val_data = data.make_dataset(x_val, y_val, **pipeline)
-    test_data = data.make_dataset(test_images, test_labels, **pipeline)
-    print(
-        f"data: {source}; train {len(y_train)}, validation {len(y_val)}, test {len(test_labels)}"
-    )
+    # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
+    pipelines = data.pipelines_for(config, VALUE_RANGE)
+    print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
     strategy = training.distribution_strategy()
@@ -171,8 +131,8 @@ def main(argv):
                 config["OPTIMIZER"],
                 config["LEARNING_RATE"],
                 config["WEIGHT_DECAY"],
-                warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
-                total_steps=config["EPOCHS"] * steps_per_epoch,
+                warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
+                total_steps=config["EPOCHS"] * pipelines.steps_per_epoch,
             ),
             loss=keras.losses.CategoricalCrossentropy(
                 label_smoothing=config["LABEL_SMOOTHING"]
@@ -188,32 +148,25 @@ def main(argv):
     # Train
     if run_dir is None:
         run_dir = training.new_run_dir(config["OUT_DIR"], SCRIPT)
-        training.save_run_config(run_dir, SCRIPT, config, source, value_range=VALUE_RANGE)
+        training.save_run_config(
+            run_dir, SCRIPT, config, pipelines.source, value_range=VALUE_RANGE
+        )
     print(f"run folder: {run_dir}")
     training.fit(
         model,
-        train_data,
-        val_data,
+        pipelines.train,
+        pipelines.validation,
         run_dir,
         phase="train",
         epochs=config["EPOCHS"],
-        steps_per_epoch=steps_per_epoch if config["STEPS_PER_EPOCH"] else None,
-        images_per_epoch=(
-            steps_per_epoch * config["BATCH_SIZE"]
-            if config["STEPS_PER_EPOCH"]
-            else len(y_train)
-        ),
+        steps_per_epoch=pipelines.fit_steps,
+        images_per_epoch=pipelines.images_per_epoch,
         early_stopping_patience=config["EARLY_STOPPING_PATIENCE"],
         verbose=config["VERBOSE"],
     )
 
     # Save/Report
-    metrics = training.finish(run_dir, model, test_data)
-    print(
-        f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
-        f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s "
-        f"({metrics['images_per_second']:.0f} images/s); run folder {run_dir}"
-    )
+    training.finish(run_dir, model, pipelines.test)
     return run_dir
 
 

@@ -204,6 +204,18 @@ def resumed_config(
     return {**saved, **given, "RESUME": config["RESUME"]}
 
 
+def configure_run(defaults, argv, script):
+    """(config, run_dir) for a training script: its configuration with `argv`
+    applied and, with --resume, the saved configuration of the run folder to go
+    on with; run_dir is None for a new run, made once the data and model are ready."""
+    config = configure(defaults, argv)
+    if not config["RESUME"]:
+        return config, None
+    run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
+    print(f"resuming {run_dir}")
+    return resumed_config(run_dir, config, defaults), run_dir
+
+
 def write_json(path, payload):
     """Write JSON atomically: a reader never sees half a file."""
     path = Path(path)
@@ -235,6 +247,17 @@ def save_run_config(run_dir, script, config, data_source, **extra):
 
 # ---------------------------------------------------------------------------------
 # Set-up: seeds, devices, precision
+
+
+def cpu_name():
+    """This machine's CPU model, as /proc/cpuinfo names it where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def seed_everything(seed):
@@ -395,4 +418,10 @@ def finish(run_dir, model, test_data, **facts):
     }
     write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    print(
+        f"test accuracy {metrics['test_accuracy']:.4f}, test loss "
+        f"{metrics['test_loss']:.4f}, {metrics['epochs']} epochs in "
+        f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} "
+        f"images/s); run folder {run_dir}"
+    )
     return metrics

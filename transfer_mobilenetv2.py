@@ -244,14 +244,7 @@ def count_trainable(model):
 
 
 def main(argv):
-    config = training.configure(CONFIG, argv)
-    run_dir = None
-    if config["RESUME"]:
-        run_dir = training.run_to_resume(config["RESUME"], config["OUT_DIR"], SCRIPT)
-        config = training.resumed_config(run_dir, config, CONFIG)
-        print(f"resuming {run_dir}")
-    training.require(config["IMG_SIZE"] >= 32, "--img_size must be 32 or more")
-    training.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
     training.require(
         config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
         "--head_epochs and --fine_tune_epochs must be 0 or more",
@@ -269,44 +262,9 @@ def main(argv):
     training.seed_everything(config["SEED"])
     training.set_precision(config["MIXED_PRECISION"])
 
-    # Data
-    train_images, train_labels, test_images, test_labels, source = data.load_cifar10(
-        config["DATA_DIR"]
-    )
-    x_train, y_train, x_val, y_val = data.split(
-        train_images,
-        train_labels,
-        config["VAL_FRACTION"],
-        config["SEED"],
-        config["TRAIN_IMAGES"],
-    )
-    augmenter = data.make_augmenter(
-        config["AUGMENT_FLIP"],
-        config["AUGMENT_TRANSLATE"],
-        config["AUGMENT_ROTATE"],
-        config["AUGMENT_ZOOM"],
-        config["AUGMENT_CONTRAST"],
-        seed=config["SEED"],
-    )
-    steps_per_epoch = config["STEPS_PER_EPOCH"] or -(
-        -len(y_train) // config["BATCH_SIZE"]
-    )
-    # uint8 in memory; each batch is resized to IMG_SIZE and scaled on its own, so
-    # the 5.5 GB float32 copy of CIFAR-10 at 96 px never exists.
-    pipeline = {
-        "batch_size": config["BATCH_SIZE"],
-        "image_size": config["IMG_SIZE"],
-        "value_range": VALUE_RANGE,
-    }
-    train_data = data.make_dataset(
-        x_train, y_train, **pipeline, augmenter=augmenter, shuffle=True, seed=config["SEED"],
-        repeat=bool(config["STEPS_PER_EPOCH"]),
-    )  # fmt: skip
-    val_data = data.make_dataset(x_val, y_val, **pipeline)
-    test_data = data.make_dataset(test_images, test_labels, **pipeline)
-    print(
-        f"data: {source}; train {len(y_train)}, validation {len(y_val)}, test {len(test_labels)}"
-    )
+    # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
+    pipelines = data.pipelines_for(config, VALUE_RANGE)
+    print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
     strategy = training.distribution_strategy()
@@ -318,9 +276,9 @@ def main(argv):
         )
         batchnorm_statistics = "from the weights, frozen"
         if weights is None:
-            calibrate_batchnorm(base, train_data, config["CALIBRATION_IMAGES"])
+            calibrate_batchnorm(base, pipelines.train, config["CALIBRATION_IMAGES"])
             batchnorm_statistics = (
-                f"calibrated on {min(config['CALIBRATION_IMAGES'], len(y_train))} "
+                f"calibrated on {min(config['CALIBRATION_IMAGES'], pipelines.sizes['train'])} "
                 f"training images, frozen"
             )
         freeze_base(base)
@@ -344,7 +302,7 @@ def main(argv):
             run_dir,
             SCRIPT,
             config,
-            source,
+            pipelines.source,
             value_range=VALUE_RANGE,
             weights_file=weights,
             frozen_first_layers=[
@@ -354,12 +312,8 @@ def main(argv):
         )
     print(f"run folder: {run_dir}")
     fit_settings = {
-        "steps_per_epoch": steps_per_epoch if config["STEPS_PER_EPOCH"] else None,
-        "images_per_epoch": (
-            steps_per_epoch * config["BATCH_SIZE"]
-            if config["STEPS_PER_EPOCH"]
-            else len(y_train)
-        ),
+        "steps_per_epoch": pipelines.fit_steps,
+        "images_per_epoch": pipelines.images_per_epoch,
         "verbose": config["VERBOSE"],
     }
     if config["HEAD_EPOCHS"]:
@@ -370,7 +324,7 @@ def main(argv):
         # On a resumed run whose head phase is done, this restores its last epoch
         # from backup/head and trains no further.
         training.fit(
-            model, train_data, val_data, run_dir, phase="head",
+            model, pipelines.train, pipelines.validation, run_dir, phase="head",
             epochs=config["HEAD_EPOCHS"], **fit_settings,
         )  # fmt: skip
     if config["FINE_TUNE_EPOCHS"]:
@@ -381,8 +335,8 @@ def main(argv):
                 make_fine_tune_optimizer(
                     config["FINE_TUNE_LR"],
                     config["WEIGHT_DECAY"],
-                    warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
-                    total_steps=config["FINE_TUNE_EPOCHS"] * steps_per_epoch,
+                    warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
+                    total_steps=config["FINE_TUNE_EPOCHS"] * pipelines.steps_per_epoch,
                 ),
                 config["LABEL_SMOOTHING"],
                 config["JIT_COMPILE"],
@@ -393,19 +347,14 @@ def main(argv):
             f"{count_trainable(model):,} trainable parameters"
         )
         training.fit(
-            model, train_data, val_data, run_dir, phase="fine_tune",
+            model, pipelines.train, pipelines.validation, run_dir, phase="fine_tune",
             epochs=config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"],
             initial_epoch=config["HEAD_EPOCHS"],
             early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], **fit_settings,
         )  # fmt: skip
 
     # Save/Report
-    metrics = training.finish(run_dir, model, test_data)
-    print(
-        f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
-        f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s "
-        f"({metrics['images_per_second']:.0f} images/s); run folder {run_dir}"
-    )
+    training.finish(run_dir, model, pipelines.test)
     return run_dir
 
 
