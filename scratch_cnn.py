@@ -1,7 +1,7 @@
 """A VGG-style CNN trained from scratch on CIFAR-10 at its native 32x32.
 
     python scratch_cnn.py                                   # full run (defaults below)
-    python scratch_cnn.py --epochs=3 --train_images=5000    # quick CPU check, ~2 minutes
+    python scratch_cnn.py --epochs=3 --train_images=5000    # quick CPU check
     python scratch_cnn.py --resume=last                     # go on with an interrupted run
 
 Result: a target of 90% test accuracy with the defaults (the report's CNN reached ~72%),
