@@ -7,10 +7,12 @@ line (offline download, figures, memory) start their subprocesses together.
 """
 
 import builtins
+import io
 import os
 import pickle
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -416,6 +418,36 @@ def test_numpy_arrays_pickled_at_any_protocol_are_admitted(protocol):
     np.testing.assert_array_equal(loaded_images, images)
     np.testing.assert_array_equal(loaded_labels, labels)
     assert loaded_labels.dtype == np.int32
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (BINSTRING), as cPickle wrote CIFAR-10's batches."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def test_python2_batch_with_numpy_core_globals_is_read():
+    """The real files: Python 2 str for keys and pixel bytes, and numpy 1's module
+    path numpy.core.multiarray, which numpy 2 only knows as numpy._core."""
+    images, labels = expected_cifar()[2:]
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(batch_dict(images, labels, "test_batch"))
+    raw = buffer.getvalue().replace(
+        b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"
+    )
+    assert b"cnumpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
+    loaded_images, loaded_labels = data.parse_batch(raw, "test_batch")
+    np.testing.assert_array_equal(loaded_images, images)
+    np.testing.assert_array_equal(loaded_labels, labels)
 
 
 def bad_batch(problem):
