@@ -229,6 +229,7 @@ def build_for_training(script, schedule_steps, jit_compile):
             optimizer=scratch_cnn.make_optimizer(
                 settings["OPTIMIZER"],
                 settings["LEARNING_RATE"],
+                settings["MOMENTUM"],
                 settings["WEIGHT_DECAY"],
                 warmup_steps=0,
                 total_steps=schedule_steps,

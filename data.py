@@ -315,11 +315,10 @@ def split(images, labels, val_fraction, seed, train_images=0):
 # Pipelines: uint8 in memory, all float work one batch at a time
 
 
-def make_augmenter(
-    flip=True, translate=0.125, rotate=0.0, zoom=0.0, contrast=0.0, seed=0
-):
-    """Keras preprocessing layers for 32 px batches in [0, 255]; None when all off.
-    Reflect padding keeps shifted borders looking like image, not black bars."""
+def make_augmenter(flip=False, translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0, seed=0):
+    """Keras preprocessing layers for 32 px batches in [0, 255]; None when all off
+    (the defaults: the settings live in each script's config block). Reflect
+    padding keeps shifted borders looking like image, not black bars."""
     layers = []
     if flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))

@@ -32,7 +32,8 @@ DROPOUT = 0.2  # dropout rate after each block
 BATCHNORM_MOMENTUM = 0.9  # moving-average momentum; Keras's 0.99 settles too slowly
 EPOCHS = 40  # passes over the training images
 STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
-OPTIMIZER = "sgd"  # "sgd" (Nesterov momentum 0.9) or "adamw"
+OPTIMIZER = "sgd"  # "sgd" (with Nesterov momentum) or "adamw"
+MOMENTUM = 0.9  # SGD's Nesterov momentum; unused by adamw
 LEARNING_RATE = 0.05  # peak, reached after the warm-up (about 2e-3 suits adamw)
 WARMUP_EPOCHS = 2  # linear warm-up from 0, then cosine decay to 0 at the end
 WEIGHT_DECAY = 5e-4  # decoupled, scaled by the learning rate (about 0.05 suits adamw)
@@ -86,7 +87,9 @@ def build_model(
     return keras.Model(inputs, outputs, name="scratch_cnn")
 
 
-def make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps):
+def make_optimizer(
+    name, learning_rate, momentum, weight_decay, warmup_steps, total_steps
+):
     """SGD with Nesterov momentum or AdamW, under a linear warm-up then cosine decay."""
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
@@ -96,7 +99,7 @@ def make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps)
     )
     if name == "sgd":
         return keras.optimizers.SGD(
-            schedule, momentum=0.9, nesterov=True, weight_decay=weight_decay
+            schedule, momentum=momentum, nesterov=True, weight_decay=weight_decay
         )
     return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
 
@@ -131,6 +134,7 @@ def main(argv):
             optimizer=make_optimizer(
                 config["OPTIMIZER"],
                 config["LEARNING_RATE"],
+                config["MOMENTUM"],
                 config["WEIGHT_DECAY"],
                 warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
                 total_steps=config["EPOCHS"] * pipelines.steps_per_epoch,

@@ -110,7 +110,7 @@ labels = (np.arange(50000) % 10).astype(np.int32)
 before = rss_mb()
 dataset = data.make_dataset(
     images, labels, batch_size=128, image_size=96, value_range=(-1.0, 1.0),
-    augmenter=data.make_augmenter(), shuffle=True, seed=0,
+    augmenter=data.augmenter_for(data.CONFIG), shuffle=True, seed=0,
 )
 batches = 0
 for batch, onehot in dataset.take(20):
@@ -631,7 +631,7 @@ def test_pipeline_resizes_to_96_augmented_and_in_range(value_range):
         batch_size=20,
         image_size=96,
         value_range=value_range,
-        augmenter=data.make_augmenter(),
+        augmenter=data.augmenter_for(data.CONFIG),
         shuffle=True,
         seed=0,
     )
