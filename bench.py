@@ -119,10 +119,7 @@ def total_steps(run):
 def machine_info():
     """CPU, cores, memory, GPUs and library versions, for the table's heading."""
     cpu = training.cpu_name()
-    gpus = []
-    for gpu in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(gpu)
-        gpus.append(details.get("device_name", gpu.name))
+    gpus = training.gpu_names()
     return {
         "cpu": cpu,
         "cores": (
@@ -225,8 +222,9 @@ def build_for_training(script, schedule_steps, jit_compile):
             settings["DROPOUT"],
             settings["BATCHNORM_MOMENTUM"],
         )
-        model.compile(
-            optimizer=scratch_cnn.make_optimizer(
+        training.compile_model(
+            model,
+            scratch_cnn.make_optimizer(
                 settings["OPTIMIZER"],
                 settings["LEARNING_RATE"],
                 settings["MOMENTUM"],
@@ -234,18 +232,15 @@ def build_for_training(script, schedule_steps, jit_compile):
                 warmup_steps=0,
                 total_steps=schedule_steps,
             ),
-            loss=keras.losses.CategoricalCrossentropy(
-                label_smoothing=settings["LABEL_SMOOTHING"]
-            ),
-            metrics=["accuracy"],
-            jit_compile=jit_compile,
+            settings["LABEL_SMOOTHING"],
+            jit_compile,
         )
         return model
     model, base = transfer_mobilenetv2.build_model(
         settings["IMG_SIZE"], None, settings["DROPOUT"]
     )
     transfer_mobilenetv2.unfreeze_for_fine_tuning(base, settings["FREEZE_FIRST"])
-    transfer_mobilenetv2.compile_model(
+    training.compile_model(
         model,
         transfer_mobilenetv2.make_fine_tune_optimizer(
             settings["FINE_TUNE_LR"],

@@ -56,9 +56,10 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
 
-def keras_datasets_dir():
-    """The folder keras.datasets downloads into, chosen as Keras chooses it:
-    $KERAS_HOME, else ~/.keras, and /tmp/.keras when that is not writable."""
+def keras_home():
+    """The folder Keras caches downloads in, chosen as Keras chooses it: $KERAS_HOME,
+    else ~/.keras, and /tmp/.keras when that is not writable. Datasets go to its
+    datasets/, weights to its models/."""
     if "KERAS_HOME" in os.environ:
         home = Path(os.environ["KERAS_HOME"]).expanduser()
     else:
@@ -67,7 +68,11 @@ def keras_datasets_dir():
             home = Path("/tmp/.keras")
     if home.exists() and not os.access(home, os.W_OK):
         home = Path("/tmp/.keras")
-    return home / "datasets"
+    return home
+
+
+def keras_datasets_dir():
+    return keras_home() / "datasets"
 
 
 def keras_cache_dirs():
@@ -307,7 +312,8 @@ def split(images, labels, val_fraction, seed, train_images=0):
             f"cannot split {len(index)} images into stratified train and validation sets "
             f"with --val_fraction={val_fraction}: {error}"
         ) from None
-    train_index.sort(), val_index.sort()
+    train_index.sort()
+    val_index.sort()
     return images[train_index], labels[train_index], images[val_index], labels[val_index]
 
 

@@ -692,14 +692,6 @@ COMPARISON_ROWS = (
 )
 
 
-def write_text(path, text):
-    """Write a text file whole or not at all."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-    return path
-
-
 def csv_text(header, rows):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -776,10 +768,7 @@ def confused_pairs_rows(runs, pairs, evaluations):
 def machine_description():
     """This machine in one line: CPU, cores, GPUs, OS and TensorFlow version."""
     cpu = training.cpu_name()
-    gpus = [
-        tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-        for gpu in tf.config.list_physical_devices("GPU")
-    ]
+    gpus = training.gpu_names()
     return (
         f"{cpu}, {os.cpu_count()} logical cores, "
         f"{'GPU: ' + ', '.join(gpus) if gpus else 'no GPU'}; "
@@ -994,7 +983,8 @@ def write_tables(runs, evaluations, measures, pairs, reports, config, plots_dir)
         )
         tables[f"classification_report_{script}.txt"] = reports[script]
     return {
-        name: write_text(plots_dir / name, text).name for name, text in tables.items()
+        name: training.write_text(plots_dir / name, text).name
+        for name, text in tables.items()
     }
 
 
@@ -1051,7 +1041,7 @@ def main(argv):
         files,
         command=" ".join(["python evaluate.py", *argv]),
     )
-    files["report.md"] = write_text(plots_dir / "report.md", report).name
+    files["report.md"] = training.write_text(plots_dir / "report.md", report).name
     for name in files.values():
         print(f"wrote {plots_dir / name}")
     return {

@@ -130,8 +130,9 @@ def main(argv):
             config["DROPOUT"],
             config["BATCHNORM_MOMENTUM"],
         )
-        model.compile(
-            optimizer=make_optimizer(
+        training.compile_model(
+            model,
+            make_optimizer(
                 config["OPTIMIZER"],
                 config["LEARNING_RATE"],
                 config["MOMENTUM"],
@@ -139,11 +140,8 @@ def main(argv):
                 warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
                 total_steps=config["EPOCHS"] * pipelines.steps_per_epoch,
             ),
-            loss=keras.losses.CategoricalCrossentropy(
-                label_smoothing=config["LABEL_SMOOTHING"]
-            ),
-            metrics=["accuracy"],
-            jit_compile=config["JIT_COMPILE"],
+            config["LABEL_SMOOTHING"],
+            config["JIT_COMPILE"],
         )
     print(
         f"model: {model.name}, {model.count_params():,} parameters, "

@@ -216,12 +216,18 @@ def configure_run(defaults, argv, script):
     return resumed_config(run_dir, config, defaults), run_dir
 
 
-def write_json(path, payload):
-    """Write JSON atomically: a reader never sees half a file."""
+def write_text(path, text):
+    """Write a text file whole or not at all: a reader never sees half of it, and a
+    failed write leaves the earlier file as it was. Returns the path."""
     path = Path(path)
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
     partial.replace(path)
+    return path
+
+
+def write_json(path, payload):
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def save_run_config(run_dir, script, config, data_source, **extra):
@@ -260,6 +266,14 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def gpu_names():
+    """The GPUs TensorFlow sees, by their device names."""
+    return [
+        tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and TensorFlow so a run can be repeated."""
     keras.utils.set_random_seed(seed)
@@ -282,6 +296,17 @@ def set_precision(mixed_precision):
 
 # ---------------------------------------------------------------------------------
 # Training: Keras callbacks for checkpoint, history, NaN guard and resume
+
+
+def compile_model(model, optimizer, label_smoothing, jit_compile):
+    """Compile for training on one-hot labels; a phase that changes what is
+    trainable must compile again."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
 
 
 class History(keras.callbacks.CSVLogger):
@@ -324,10 +349,12 @@ def read_history(run_dir):
 
 
 def _number(text):
-    try:
-        return float(text) if any(c in text for c in ".en") else int(text)
-    except ValueError:
-        return text
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 def fit(
@@ -394,7 +421,7 @@ def fit(
         )
 
 
-def finish(run_dir, model, test_data, **facts):
+def finish(run_dir, model, test_data):
     """Evaluate the best checkpoint once on the test set and write metrics.json,
     which marks the run finished; the resume backup is then removed."""
     checkpoint = run_dir / "model.keras"
@@ -414,7 +441,6 @@ def finish(run_dir, model, test_data, **facts):
             np.median([row["images_per_second"] for row in history_rows])
         ),
         "params": int(best.count_params()),
-        **facts,
     }
     write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)

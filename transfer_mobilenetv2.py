@@ -17,7 +17,6 @@ report's resize-everything way: 18.4 GB), from `python bench.py` on a 2-core AMD
 CPU without a GPU.
 """
 
-import os
 import warnings
 from pathlib import Path
 
@@ -80,15 +79,6 @@ def imagenet_weights_name(image_size):
     return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{image_size}_no_top.h5"
 
 
-def keras_models_dir():
-    """Where Keras caches downloaded weights: $KERAS_HOME/models, else
-    ~/.keras/models (/tmp/.keras/models when that is not writable)."""
-    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
-    if not os.access(home, os.W_OK):
-        home = Path("/tmp/.keras")
-    return home / "models"
-
-
 def resolve_weights(weights, image_size):
     """The `weights` argument for MobileNetV2: None for "none", else the path of a
     weights file. "imagenet" is fetched once into the Keras cache; every check is
@@ -111,7 +101,7 @@ def resolve_weights(weights, image_size):
         f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
     )
     name = imagenet_weights_name(image_size)
-    models_dir = keras_models_dir()
+    models_dir = data.keras_home() / "models"
     try:
         return keras.utils.get_file(
             name,
@@ -226,16 +216,6 @@ def make_fine_tune_optimizer(learning_rate, weight_decay, warmup_steps, total_st
     return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
 
 
-def compile_model(model, optimizer, label_smoothing, jit_compile):
-    """Compile for one phase; a phase that changes what is trainable must call it."""
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-    )
-
-
 def count_trainable(model):
     """Parameters the optimizer updates in the current phase."""
     return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
@@ -284,7 +264,7 @@ def main(argv):
                 f"training images, frozen"
             )
         freeze_base(base)
-        compile_model(
+        training.compile_model(
             model,
             keras.optimizers.AdamW(
                 config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
@@ -332,7 +312,7 @@ def main(argv):
     if config["FINE_TUNE_EPOCHS"]:
         with strategy.scope():
             unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
-            compile_model(
+            training.compile_model(
                 model,
                 make_fine_tune_optimizer(
                     config["FINE_TUNE_LR"],
