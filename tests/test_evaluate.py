@@ -3,7 +3,9 @@ is valid, its numbers agree with the runs, and missing runs are reported plainly
 
 import csv
 import json
+import os
 import shutil
+import time
 
 import matplotlib.image
 import matplotlib.pyplot as plt
@@ -150,11 +152,25 @@ def test_report_shows_every_figure_and_table(evaluated):
     assert "> **Missing:**" not in report
 
 
-def test_newest_finished_run_of_each_script_is_found(scratch_run, transfer_run, runs_dir):
-    runs, hints = evaluate.find_runs(runs_dir, {})
+def test_newest_finished_run_of_each_script_is_found(scratch_run, transfer_run, tmp_path):
+    """Of an older and a newer finished run, the newer; an unfinished one, even
+    newer still, is passed over."""
+    newest = {}
+    for script, run in (
+        ("scratch_cnn", scratch_run),
+        ("transfer_mobilenetv2", transfer_run),
+    ):
+        for age, name in ((300, "older"), (200, "newer"), (100, "unfinished")):
+            copy = tmp_path / script / name
+            shutil.copytree(run, copy)
+            if name == "unfinished":
+                (copy / "metrics.json").unlink()
+            stamp = time.time() - age
+            os.utime(copy, (stamp, stamp))
+        newest[script] = tmp_path / script / "newer"
+    runs, hints = evaluate.find_runs(tmp_path, {})
     assert hints == []
-    for script in SCRIPTS:
-        assert runs[script] == training.list_runs(runs_dir, script, finished=True)[-1]
+    assert runs == newest
 
 
 def test_one_missing_model_is_evaluated_alone_with_a_hint(
