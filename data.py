@@ -131,7 +131,7 @@ def load_cifar10(data_dir=""):
 
 
 def download_cifar10():
-    """keras.datasets.cifar10.load_data(), which downloads 163 MB once; offline it
+    """keras.datasets.cifar10.load_data(), which downloads CIFAR-10 once; offline it
     fails with a long traceback, so say what to do instead."""
     try:
         (train_images, train_labels), (test_images, test_labels) = (
