@@ -45,10 +45,11 @@ HEAD_LR = 1e-3  # phase 1 learning rate, constant (AdamW)
 FINE_TUNE_EPOCHS = 15  # phase 2: epochs with the base trainable; 0 = head only
 FINE_TUNE_LR = 1e-4  # phase 2 peak learning rate (AdamW), 10x lower than the head's
 FREEZE_FIRST = 10  # base layers (of 154, input included) kept frozen in phase 2
-CALIBRATION_IMAGES = 1024  # --weights=none only: images that set BatchNorm statistics
+RANDOM_START_LR = 2e-3  # --weights=none: peak learning rate (AdamW), all layers train
 WARMUP_EPOCHS = 1  # phase 2: linear warm-up from 0, then cosine decay to 0 at the end
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay, scaled by the learning rate
 LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
+TTA_FLIP = False  # test-time augmentation: average each test image with its mirror
 STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
 EARLY_STOPPING_PATIENCE = 0  # phase 2 epochs without a better val_accuracy; 0 = off
 MIXED_PRECISION = False  # float16 compute: faster on recent GPUs, slower on CPU
@@ -64,7 +65,6 @@ SCRIPT = "transfer_mobilenetv2"
 # pixels / 127.5 - 1. The report fed [0, 1], which silently costs accuracy.
 VALUE_RANGE = (-1.0, 1.0)
 IMAGENET_SIZES = (96, 128, 160, 192, 224)  # pixels: the sizes Keras has weights for
-CALIBRATION_CHUNK = 32  # images per eager pass when calibrating: bounds its memory
 IMAGENET_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 )
@@ -148,9 +148,10 @@ def build_model(image_size, weights, dropout, num_classes=data.NUM_CLASSES):
         warnings.warn_explicit(
             warning.message, warning.category, warning.filename, warning.lineno
         )
-    # training=False states the intent; Keras <= 3.15 ignores it inside fit, so
-    # freeze_base and unfreeze_for_fine_tuning freeze the BatchNorm layers themselves.
-    x = base(inputs, training=False)
+    # Pretrained: training=False states the intent; Keras <= 3.15 ignores it inside
+    # fit, so freeze_base and unfreeze_for_fine_tuning freeze BatchNorm themselves.
+    # Random: BatchNorm must learn its statistics, so it follows fit's mode.
+    x = base(inputs, training=False if weights else None)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # Softmax in float32 even under mixed precision, for a stable loss.
@@ -177,29 +178,11 @@ def unfreeze_for_fine_tuning(base, freeze_first):
             layer.trainable = False
 
 
-def calibrate_batchnorm(base, dataset, images, chunk=CALIBRATION_CHUNK):
-    """Set every BatchNorm layer's moving statistics to their average over the
-    first `images` images of `dataset`, `chunk` at a time. For a random base only:
-    its statistics are placeholders (mean 0, variance 1) that, frozen, shrink its
-    features to about 1e-12 and its gradients with them, so nothing would learn."""
-    layers = [
-        layer
-        for layer in base.layers
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    saved = [(layer.momentum, layer.trainable) for layer in layers]
-    # A frozen BatchNorm layer ignores batch statistics; in training mode with
-    # momentum k / (k + 1), its moving statistics become the mean over chunks 0..k.
-    # Eager passes hold every activation at once: small chunks keep that small.
-    for layer in layers:
-        layer.trainable = True
-    chunks = dataset.unbatch().batch(chunk).take(-(-images // chunk))
-    for index, (batch, _) in enumerate(chunks):
-        for layer in layers:
-            layer.momentum = index / (index + 1)
-        base(batch, training=True)
-    for layer, (momentum, trainable) in zip(layers, saved):
-        layer.momentum, layer.trainable = momentum, trainable
+def unfreeze_all(base):
+    """A random start: every layer trainable, BatchNorm included, from the first
+    step, as a network trained from scratch. Freezing random layers, or BatchNorm
+    statistics set at initialisation, would only handicap it."""
+    base.trainable = True
 
 
 def make_fine_tune_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
@@ -231,14 +214,15 @@ def main(argv):
         config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
         "--head_epochs and --fine_tune_epochs must be 0 or more",
     )
-    training.require(
-        config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
-        "--head_epochs and --fine_tune_epochs are both 0: nothing to train",
-    )
     training.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
     training.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
+    random_start = config["WEIGHTS"] == "none"
     training.require(
-        config["CALIBRATION_IMAGES"] > 0, "--calibration_images must be positive"
+        config["FINE_TUNE_EPOCHS"] > 0
+        if random_start
+        else config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
+        "nothing to train: --fine_tune_epochs is 0"
+        + ("" if random_start else " and so is --head_epochs"),
     )
     weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
@@ -248,7 +232,8 @@ def main(argv):
     pipelines = data.pipelines_for(config, VALUE_RANGE)
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
-    # Model
+    # Model. Pretrained: a head on the frozen base, then fine-tuning. Random: one
+    # phase in which everything learns; the head-first phase protects nothing there.
     strategy = training.distribution_strategy()
     with strategy.scope():
         model, base = build_model(config["IMG_SIZE"], weights, config["DROPOUT"])
@@ -256,25 +241,26 @@ def main(argv):
             config["FREEZE_FIRST"] <= len(base.layers),
             f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
         )
-        batchnorm_statistics = "from the weights, frozen"
-        if weights is None:
-            calibrate_batchnorm(base, pipelines.train, config["CALIBRATION_IMAGES"])
-            batchnorm_statistics = (
-                f"calibrated on {min(config['CALIBRATION_IMAGES'], pipelines.sizes['train'])} "
-                f"training images, frozen"
-            )
-        freeze_base(base)
-        training.compile_model(
-            model,
-            keras.optimizers.AdamW(
-                config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
-            ),
-            config["LABEL_SMOOTHING"],
-            config["JIT_COMPILE"],
-        )
+    if random_start:
+        plan = {
+            "phases": ["train"],
+            "frozen_first_layers": [],
+            "batchnorm": "trained from the start (batch statistics while training)",
+            "learning_rate": config["RANDOM_START_LR"],
+            "ignored_for_random_start": ["HEAD_EPOCHS", "HEAD_LR", "FREEZE_FIRST"],
+        }
+    else:
+        plan = {
+            "phases": ["head", "fine_tune"],
+            "frozen_first_layers": [
+                layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
+            ],
+            "batchnorm": "from the weights, frozen",
+            "learning_rate": config["FINE_TUNE_LR"],
+        }
     print(
         f"model: {model.name}, {model.count_params():,} parameters; weights "
-        f"{weights or 'random'}; BatchNorm statistics {batchnorm_statistics}"
+        f"{weights or 'random'}; BatchNorm {plan['batchnorm']}"
     )
 
     # Train
@@ -287,10 +273,7 @@ def main(argv):
             pipelines.source,
             value_range=VALUE_RANGE,
             weights_file=weights,
-            frozen_first_layers=[
-                layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
-            ],
-            batchnorm_statistics=batchnorm_statistics,
+            training_plan=plan,
         )
     print(f"run folder: {run_dir}")
     fit_settings = {
@@ -298,24 +281,38 @@ def main(argv):
         "images_per_epoch": pipelines.images_per_epoch,
         "verbose": config["VERBOSE"],
     }
-    if config["HEAD_EPOCHS"]:
+    head_epochs = 0 if random_start else config["HEAD_EPOCHS"]
+    if head_epochs:
+        with strategy.scope():
+            freeze_base(base)
+            training.compile_model(
+                model,
+                keras.optimizers.AdamW(
+                    config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
+                ),
+                config["LABEL_SMOOTHING"],
+                config["JIT_COMPILE"],
+            )
         print(
-            f"phase 1, head: {config['HEAD_EPOCHS']} epochs, base frozen, "
+            f"phase 1, head: {head_epochs} epochs, base frozen, "
             f"{count_trainable(model):,} trainable parameters"
         )
         # On a resumed run whose head phase is done, this restores its last epoch
         # from backup/head and trains no further.
         training.fit(
             model, pipelines.train, pipelines.validation, run_dir, phase="head",
-            epochs=config["HEAD_EPOCHS"], **fit_settings,
+            epochs=head_epochs, **fit_settings,
         )  # fmt: skip
     if config["FINE_TUNE_EPOCHS"]:
         with strategy.scope():
-            unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
+            if random_start:
+                unfreeze_all(base)
+            else:
+                unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
             training.compile_model(
                 model,
                 make_fine_tune_optimizer(
-                    config["FINE_TUNE_LR"],
+                    plan["learning_rate"],
                     config["WEIGHT_DECAY"],
                     warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
                     total_steps=config["FINE_TUNE_EPOCHS"] * pipelines.steps_per_epoch,
@@ -323,20 +320,33 @@ def main(argv):
                 config["LABEL_SMOOTHING"],
                 config["JIT_COMPILE"],
             )
-        print(
-            f"phase 2, fine-tune: {config['FINE_TUNE_EPOCHS']} epochs, first "
-            f"{config['FREEZE_FIRST']} base layers and BatchNorm frozen, "
-            f"{count_trainable(model):,} trainable parameters"
-        )
+        if random_start:
+            print(
+                f"random start: {config['FINE_TUNE_EPOCHS']} epochs, every layer "
+                f"trainable, {count_trainable(model):,} trainable parameters"
+            )
+        else:
+            print(
+                f"phase 2, fine-tune: {config['FINE_TUNE_EPOCHS']} epochs, first "
+                f"{config['FREEZE_FIRST']} base layers and BatchNorm frozen, "
+                f"{count_trainable(model):,} trainable parameters"
+            )
         training.fit(
-            model, pipelines.train, pipelines.validation, run_dir, phase="fine_tune",
-            epochs=config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"],
-            initial_epoch=config["HEAD_EPOCHS"],
+            model, pipelines.train, pipelines.validation, run_dir,
+            phase=plan["phases"][-1],
+            epochs=head_epochs + config["FINE_TUNE_EPOCHS"],
+            initial_epoch=head_epochs,
             early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], **fit_settings,
         )  # fmt: skip
 
     # Save/Report
-    training.finish(run_dir, model, pipelines.test)
+    training.finish(
+        run_dir,
+        model,
+        pipelines.test,
+        label_smoothing=config["LABEL_SMOOTHING"],
+        tta_flip=config["TTA_FLIP"],
+    )
     return run_dir
 
 

@@ -157,15 +157,38 @@ def scratch_run(cifar_dir, runs_dir):
 
 
 @pytest.fixture(scope="session")
-def transfer_run(cifar_dir, runs_dir):
-    """A finished tiny transfer_mobilenetv2 run folder, random weights, 32 px."""
+def base_weights(cifar_dir, tmp_path_factory):
+    """A stand-in for pretrained MobileNetV2 base weights at 32 px (ImageNet's cannot
+    be downloaded here): random kernels, and BatchNorm statistics taken from a batch
+    of the tiny training images, not the placeholders (0 and 1) of a new layer."""
+    import keras
+
+    import data
+    import transfer_mobilenetv2
+
+    keras.utils.set_random_seed(0)
+    _, base = transfer_mobilenetv2.build_model(32, None, dropout=0.0)
+    images = data.load_cifar10(cifar_dir)[0][:64].astype("float32") / 127.5 - 1.0
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0  # the moving statistics become this batch's
+    base(images, training=True)
+    path = tmp_path_factory.mktemp("weights") / "base.weights.h5"
+    base.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def transfer_run(cifar_dir, runs_dir, base_weights):
+    """A finished tiny two-phase transfer_mobilenetv2 run folder, 32 px, from the
+    stand-in pretrained weights."""
     import transfer_mobilenetv2
 
     return transfer_mobilenetv2.main(
         [
             f"--data_dir={cifar_dir}",
             f"--out_dir={runs_dir}",
-            "--weights=none",
+            f"--weights={base_weights}",
             "--img_size=32",
             "--head_epochs=1",
             "--fine_tune_epochs=1",

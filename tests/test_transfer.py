@@ -2,8 +2,9 @@
 resume, the frozen layers and BatchNorm statistics, the [-1, 1] input range, weights
 files, and the errors for ImageNet weights that cannot be had.
 
-Random weights (--weights=none) at 32 px keep it fast; ImageNet weights are never
-downloaded here (conftest points KERAS_HOME at an empty folder).
+Stand-in pretrained weights (conftest's base_weights) or random ones (--weights=none)
+at 32 px keep it fast; ImageNet weights are never downloaded here (conftest points
+KERAS_HOME at an empty folder).
 """
 
 import json
@@ -74,9 +75,11 @@ def test_run_folder_holds_model_history_config_and_metrics(transfer_run):
     saved = json.loads((transfer_run / "config.json").read_text())
     assert saved["script"] == transfer.SCRIPT
     assert saved["value_range"] == [-1.0, 1.0]
-    assert saved["config"]["WEIGHTS"] == "none"
+    assert saved["config"]["WEIGHTS"].endswith("base.weights.h5")
     assert saved["config"]["FREEZE_FIRST"] == transfer.FREEZE_FIRST
-    assert len(saved["frozen_first_layers"]) == transfer.FREEZE_FIRST
+    plan = saved["training_plan"]
+    assert plan["phases"] == ["head", "fine_tune"]
+    assert len(plan["frozen_first_layers"]) == transfer.FREEZE_FIRST
 
     metrics = json.loads((transfer_run / "metrics.json").read_text())
     for key in ("test_accuracy", "test_loss", "train_seconds", "images_per_second"):
@@ -119,19 +122,26 @@ def test_fine_tuning_freezes_exactly_the_first_layers_and_batchnorm():
     )
 
 
-def test_random_base_calibrated_batchnorm_gives_live_features(cifar_dir):
-    """With --weights=none the BatchNorm statistics are placeholders (0 and 1);
-    frozen as they are, they shrink the features to nothing. Calibrated, the
-    features vary from image to image."""
-    keras.utils.set_random_seed(0)
-    batches = tiny_batches(cifar_dir)
-    images, _ = next(iter(batches))
-    _, base = transfer.build_model(32, None, dropout=0.2)
-    transfer.freeze_base(base)
-    assert float(np.std(base(images).numpy(), axis=0).mean()) < 1e-6
-    transfer.calibrate_batchnorm(base, batches, images=96)
-    assert all(not layer.trainable for layer in batchnorm_layers(base))
-    assert float(np.std(base(images).numpy(), axis=0).mean()) > 0.01
+def test_random_start_trains_every_layer_and_batchnorm(cifar_dir, tmp_path):
+    """--weights=none is the control for what pretraining is worth: one phase in
+    which every layer learns and BatchNorm learns its statistics, as a network
+    trained from scratch would; no head phase, nothing frozen."""
+    run_dir = transfer.main(
+        [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
+         "--fine_tune_epochs=1"] + TINY
+    )  # fmt: skip
+    assert [row["phase"] for row in training.read_history(run_dir)] == ["train"]
+    plan = json.loads((run_dir / "config.json").read_text())["training_plan"]
+    assert plan["phases"] == ["train"] and plan["frozen_first_layers"] == []
+    assert plan["learning_rate"] == transfer.RANDOM_START_LR
+
+    model = keras.models.load_model(run_dir / "model.keras")
+    (base,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert all(layer.trainable for layer in base.layers)
+    for layer in batchnorm_layers(base):
+        # A new layer holds 0 and 1; one epoch in training mode moves both.
+        assert not np.allclose(layer.moving_mean.numpy(), 0.0), layer.name
+        assert not np.allclose(layer.moving_variance.numpy(), 1.0), layer.name
 
 
 class StopBeforeTraining(Exception):
@@ -155,7 +165,7 @@ def test_batches_reaching_the_model_fill_minus_one_to_one(
     with pytest.raises(StopBeforeTraining):
         transfer.main(
             [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--weights=none",
-             "--img_size=48", "--calibration_images=32"] + TINY_RUN
+             "--img_size=48"] + TINY_RUN
         )  # fmt: skip
     for name in ("train", "validation"):
         images, labels = (tensor.numpy() for tensor in seen[name])
@@ -255,7 +265,7 @@ def test_settings_that_cannot_work_exit_2():
 
 
 def test_interrupted_fine_tuning_resumes_where_it_stopped(
-    cifar_dir, tmp_path, monkeypatch
+    cifar_dir, tmp_path, monkeypatch, base_weights
 ):
     """Ctrl-C after the first fine-tuning epoch; the resumed run restores the head
     phase without training it again and goes on with epoch 2 of fine-tuning."""
@@ -270,7 +280,8 @@ def test_interrupted_fine_tuning_resumes_where_it_stopped(
     with pytest.raises(training.Interrupted, match="--resume="):
         transfer.main(
             [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
-             "--fine_tune_epochs=2", "--calibration_images=64"] + TINY
+             "--fine_tune_epochs=2", f"--weights={base_weights}", "--img_size=32"]
+            + TINY_RUN
         )  # fmt: skip
     (run_dir,) = (tmp_path / transfer.SCRIPT).iterdir()
     assert [row["phase"] for row in training.read_history(run_dir)] == [
@@ -304,8 +315,8 @@ def assert_fine_tuning_kept_batchnorm_and_first_layers(backup):
     head, fine_tuned = bases["head"], bases["fine_tune"]
     for layer in batchnorm_layers(head):
         tuned = fine_tuned.get_layer(layer.name)
-        # Calibrated, not the placeholders: a BatchNorm layer in training mode
-        # would have pulled these towards its batch statistics.
+        # The weights file's statistics, not the placeholders: a BatchNorm layer in
+        # training mode would have pulled these towards its batch statistics.
         assert not np.allclose(layer.moving_variance.numpy(), 1.0), layer.name
         np.testing.assert_array_equal(
             tuned.moving_mean.numpy(), layer.moving_mean.numpy()
