@@ -324,14 +324,20 @@ def split(images, labels, val_fraction, seed, train_images=0):
 def make_augmenter(flip=False, translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0, seed=0):
     """Keras preprocessing layers for 32 px batches in [0, 255]; None when all off
     (the defaults: the settings live in each script's config block). Reflect
-    padding keeps shifted borders looking like image, not black bars."""
+    padding keeps shifted borders looking like image, not black bars. Shifts are
+    whole pixels (nearest): bilinear sub-pixel shifts would blur most training
+    images while the test images stay sharp."""
     layers = []
     if flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
     if translate:
         layers.append(
             keras.layers.RandomTranslation(
-                translate, translate, fill_mode="reflect", seed=seed + 1
+                translate,
+                translate,
+                fill_mode="reflect",
+                interpolation="nearest",
+                seed=seed + 1,
             )
         )
     if rotate:

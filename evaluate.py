@@ -52,6 +52,7 @@ SCRATCH_RUN = ""  # a finished scratch_cnn run folder; "" = the newest in OUT_DI
 TRANSFER_RUN = ""  # a finished transfer_mobilenetv2 run folder; "" = the newest
 DATA_DIR = ""  # CIFAR-10 folder or .tar.gz for the test set; "" = each run's DATA_DIR
 PLOTS_DIR = "plots"  # figures, tables and report.md go here, replacing earlier ones
+DATA_LABEL = ""  # what the report calls the data, e.g. "CIFAR-10 (JPEG copy)"; "" = none
 BATCH_SIZE = 256  # test images per prediction batch
 MISCLASSIFIED_IMAGES = 24  # most confident mistakes shown per model
 SAMPLE_IMAGES = 16  # random test images shown with every model's prediction
@@ -214,9 +215,11 @@ def load_model(run):
 
 
 def predict(model, run, images, labels, batch_size):
-    """(probabilities (N, 10), seconds per image): model.predict over the run's test
-    pipeline (its image size and value range), timed after one warm-up batch so graph
-    tracing is not counted."""
+    """(probabilities (N, classes), seconds per image) over the run's test pipeline
+    (its image size and value range), flip-averaged when the run was evaluated so
+    (TTA_FLIP), as training.finish does. The timed pass is the second one: the
+    first traces the graph for the full batches and again for the smaller last
+    batch (on a GPU, an XLA compile each), which is set-up, not inference."""
     test_data = data.make_dataset(
         images,
         labels,
@@ -224,11 +227,18 @@ def predict(model, run, images, labels, batch_size):
         image_size=run["config"]["IMG_SIZE"],
         value_range=run["value_range"],
     )
-    model.predict(test_data.take(1), verbose=0)
+    tta_flip = run["config"].get("TTA_FLIP", False)
+    training.predict_probabilities(model, test_data, tta_flip)
     start = time.perf_counter()
-    probabilities = model.predict(test_data, verbose=0)
+    probabilities, _ = training.predict_probabilities(model, test_data, tta_flip)
     seconds = time.perf_counter() - start
     return probabilities.astype(np.float64), seconds / len(labels)
+
+
+def weights_megabytes(model):
+    """The size of the model's weights (what inference needs), in MB: model.keras
+    also holds the optimizer's slots, about 3x the weights for AdamW."""
+    return sum(weight.numpy().nbytes for weight in model.weights) / 1e6
 
 
 # ---------------------------------------------------------------------------------
@@ -311,7 +321,7 @@ def evaluate_predictions(probabilities, labels, bins):
     }
 
 
-def measure(run, evaluation, seconds_per_image, train_count, fraction):
+def measure(run, evaluation, seconds_per_image, megabytes, train_count, fraction):
     """One row of comparison.csv: the recorded figures of `run` beside the ones
     measured here."""
     metrics, history = run["metrics"], run["history"]
@@ -340,7 +350,8 @@ def measure(run, evaluation, seconds_per_image, train_count, fraction):
         "training_images": train_count,
         "image_size": run["config"]["IMG_SIZE"],
         "params": metrics["params"],
-        "model_megabytes": round((run["dir"] / "model.keras").stat().st_size / 1e6, 2),
+        "model_megabytes": round(megabytes, 2),
+        "tta_flip": run["config"].get("TTA_FLIP", False),
         "inference_ms_per_image": round(1000 * seconds_per_image, 4),
         "expected_calibration_error": evaluation["ece"],
         "mean_confidence": evaluation["mean_confidence"],
@@ -685,7 +696,8 @@ COMPARISON_ROWS = (
     ("training_images", "training images used", "{:,}"),
     ("image_size", "input size, px", "{}"),
     ("params", "parameters", "{:,}"),
-    ("model_megabytes", "model file, MB", "{:.2f}"),
+    ("model_megabytes", "model weights, MB", "{:.2f}"),
+    ("tta_flip", "test-time flip averaging", "{}"),
     ("inference_ms_per_image", "inference, ms per image (this machine)", "{:.3f}"),
     ("expected_calibration_error", "expected calibration error", "{:.3f}"),
     ("mean_confidence", "mean confidence", "{:.2%}"),
@@ -789,8 +801,9 @@ def report_markdown(
         "# CIFAR-10: a CNN from scratch against MobileNetV2 transfer learning",
         (
             f"Made by `{command}` on {datetime.now():%Y-%m-%d %H:%M} from {run_list}. "
-            f"Test set: {len(test['labels']):,} images from `{test['source']}`, "
-            "predicted once per model."
+            f"Test set: {len(test['labels']):,} images"
+            f"{' of ' + config['DATA_LABEL'] if config['DATA_LABEL'] else ''} from "
+            f"`{test['source']}`, predicted once per model."
         ),
         *[f"> **Missing:** {hint}" for hint in hints],
         "## The comparison",
@@ -813,7 +826,10 @@ def report_markdown(
         (
             f"Inference: `model.predict` over the test set in batches of "
             f"{config['BATCH_SIZE']}, input pipeline (resizing and scaling) included, "
-            f"after one warm-up batch, on this machine: {machine_description()}."
+            "each image and its mirror for a run evaluated with flip averaging "
+            "(`TTA_FLIP`), timed on a second pass (the first traces the graph for "
+            f"the full and the last, smaller batch), on this machine: "
+            f"{machine_description()}."
         ),
         "The table as [comparison.md](comparison.md) and [comparison.csv](comparison.csv).",
         "## Learning curves",
@@ -894,6 +910,7 @@ def evaluate_runs(runs, config):
         probabilities, seconds_per_image = predict(
             model, run, images, labels, config["BATCH_SIZE"]
         )
+        megabytes = weights_megabytes(model)
         del model
         keras.backend.clear_session()  # free the model before loading the next
         evaluation = evaluate_predictions(
@@ -903,6 +920,7 @@ def evaluate_runs(runs, config):
             run,
             evaluation,
             seconds_per_image,
+            megabytes,
             training_images(run, available),
             config["CONVERGED_FRACTION"],
         )

@@ -421,18 +421,42 @@ def fit(
         )
 
 
-def finish(run_dir, model, test_data):
-    """Evaluate the best checkpoint once on the test set and write metrics.json,
-    which marks the run finished; the resume backup is then removed."""
+def predict_probabilities(model, dataset, tta_flip=False):
+    """(probabilities, one-hot labels) over a whole (images, labels) dataset. With
+    `tta_flip`, each image's probabilities are averaged with its mirror image's:
+    the model trained on random flips, so both views are equally its own."""
+    images_only = dataset.map(lambda images, labels: images)
+    probabilities = model.predict(images_only, verbose=0)
+    if tta_flip:
+        mirrored = images_only.map(lambda images: tf.reverse(images, axis=[2]))
+        probabilities = (probabilities + model.predict(mirrored, verbose=0)) / 2
+    labels = np.concatenate([labels.numpy() for _, labels in dataset])
+    return probabilities, labels
+
+
+def test_metrics(model, test_data, label_smoothing, tta_flip):
+    """(test loss, test accuracy) as model.evaluate gives them (the training loss,
+    label smoothing included), with flip averaging when `tta_flip`."""
+    probabilities, labels = predict_probabilities(model, test_data, tta_flip)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    accuracy = np.mean(probabilities.argmax(axis=1) == labels.argmax(axis=1))
+    return float(loss(labels, probabilities)), float(accuracy)
+
+
+def finish(run_dir, model, test_data, label_smoothing=0.0, tta_flip=False):
+    """Evaluate the best checkpoint once on the test set (flip-averaged when
+    `tta_flip`) and write metrics.json, which marks the run finished; the resume
+    backup is then removed."""
     checkpoint = run_dir / "model.keras"
     if not checkpoint.is_file():
         model.save(checkpoint)
-    best = keras.models.load_model(checkpoint)
-    test_loss, test_accuracy = best.evaluate(test_data, verbose=0)
+    best = keras.models.load_model(checkpoint, compile=False)
+    test_loss, test_accuracy = test_metrics(best, test_data, label_smoothing, tta_flip)
     history_rows = read_history(run_dir)
     metrics = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "tta_flip": tta_flip,
         "best_val_accuracy": max(row["val_accuracy"] for row in history_rows),
         "epochs": len(history_rows),
         "train_seconds": round(sum(row["epoch_seconds"] for row in history_rows), 1),
@@ -442,10 +466,15 @@ def finish(run_dir, model, test_data):
         ),
         "params": int(best.count_params()),
     }
+    if tta_flip:
+        metrics["test_accuracy_without_tta"] = test_metrics(
+            best, test_data, label_smoothing, tta_flip=False
+        )[1]
     write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     print(
-        f"test accuracy {metrics['test_accuracy']:.4f}, test loss "
+        f"test accuracy {metrics['test_accuracy']:.4f}"
+        f"{' (flip-averaged)' if tta_flip else ''}, test loss "
         f"{metrics['test_loss']:.4f}, {metrics['epochs']} epochs in "
         f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} "
         f"images/s); run folder {run_dir}"
