@@ -343,7 +343,7 @@ def make_points(study):
                     json.dumps([path.stem, measured], sort_keys=True).encode()
                 ).hexdigest()[:8]
                 label = "-".join(
-                    f"{name.lower()}={re.sub(r'[^A-Za-z0-9.+]', '_', str(value))[:24]}"
+                    f"{name.lower()}={re.sub(r'[^A-Za-z0-9.+-]', '_', str(value))[:24]}"
                     for name, value in swept.items()
                 )
                 point_id = "-".join(filter(None, [path.stem, label, f"seed={seed}", digest]))
