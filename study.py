@@ -102,7 +102,9 @@ def resolution():
     return ("transfer_mobilenetv2.py",), {"IMG_SIZE": [96, 128, 160]}
 
 
-PRESETS = {preset.__name__: preset for preset in (data_efficiency, freeze_depth, resolution)}
+PRESETS = {
+    preset.__name__: preset for preset in (data_efficiency, freeze_depth, resolution)
+}
 
 
 class ConfigError(Exception):
@@ -230,7 +232,8 @@ def parse_command_line(argv):
         owners = [path for path, defaults in scripts.items() if name in defaults]
         if not owners:
             valid = sorted(
-                {n.lower() for d in scripts.values() for n in d} - {"seed", "resume", "out_dir"}
+                {n.lower() for d in scripts.values() for n in d}
+                - {"seed", "resume", "out_dir"}
             )
             raise ConfigError(
                 f"unknown setting --{what}{flag}: no script of this study has it "
@@ -248,7 +251,9 @@ def parse_command_line(argv):
             raise ConfigError(f"--sweep takes setting:value1,value2,..., got {text!r}")
         name, owners = check_name(flag, "sweep=")
         if name == "DATA_DIR":
-            raise ConfigError("a sweep over data_dir is not supported: one study per data set")
+            raise ConfigError(
+                "a sweep over data_dir is not supported: one study per data set"
+            )
         if name in sweeps:
             raise ConfigError(f"--sweep={flag} given twice")
         texts = [value.strip() for value in values_text.split(",") if value.strip()]
@@ -275,7 +280,9 @@ def parse_command_line(argv):
     except ValueError:
         raise ConfigError(f"--seeds takes integers, e.g. 0,1,2; got {config['SEEDS']!r}")
     if not seeds or min(seeds) < 0:
-        raise ConfigError(f"--seeds takes integers from 0, e.g. 0,1,2; got {config['SEEDS']!r}")
+        raise ConfigError(
+            f"--seeds takes integers from 0, e.g. 0,1,2; got {config['SEEDS']!r}"
+        )
     if config["METRIC"] == "":
         raise ConfigError("--metric is empty: name a key of metrics.json")
     name = config["STUDY"] or (
@@ -287,6 +294,7 @@ def parse_command_line(argv):
         raise ConfigError(f"--study={name!r}: use letters, digits and _.+- only")
     return {
         "name": name,
+        "root": Path(config["OUT_DIR"]) / "study" / name,
         "question": question,
         "scripts": scripts,
         "sweeps": sweeps,
@@ -301,7 +309,9 @@ STUDY_ACTIONS = ("dry_run", "commands", "point")  # flags --commands lines leave
 
 
 def split_flag_name(arg):
-    return arg[2:].split("=", 1)[0].replace("-", "_").lower() if arg.startswith("--") else ""
+    return (
+        arg[2:].split("=", 1)[0].replace("-", "_").lower() if arg.startswith("--") else ""
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -315,8 +325,7 @@ def format_value(value):
 
 def make_points(study):
     """Every point, seed by seed, so a full curve exists after the first seed."""
-    root = Path(study["config"]["OUT_DIR"]) / "study" / study["name"]
-    points = []
+    root, points = study["root"], []
     combos = [{}]
     for name, values in study["sweeps"].items():
         combos = [{**combo, name: value} for combo in combos for value in values]
@@ -346,14 +355,15 @@ def make_points(study):
                     f"{name.lower()}={re.sub(r'[^A-Za-z0-9.+-]', '_', str(value))[:24]}"
                     for name, value in swept.items()
                 )
-                point_id = "-".join(filter(None, [path.stem, label, f"seed={seed}", digest]))
+                point_id = "-".join(
+                    filter(None, [path.stem, label, f"seed={seed}", digest])
+                )
                 points.append(
                     {
                         "id": point_id,
                         "dir": root / point_id,
                         "script": path,
                         "swept": swept,
-                        "combo": combo,
                         "seed": seed,
                         "settings": settings,
                         "config": {**defaults, **settings, "SEED": seed},
@@ -373,7 +383,9 @@ def run_dirs(point_dir):
 
 
 def finished_run(point):
-    return next((run for run in run_dirs(point["dir"]) if (run / "metrics.json").is_file()), None)
+    return next(
+        (run for run in run_dirs(point["dir"]) if (run / "metrics.json").is_file()), None
+    )
 
 
 def read_attempts(point):
@@ -385,7 +397,9 @@ def read_attempts(point):
 
 def run_to_resume(point, attempts):
     """The newest unfinished run folder no failed attempt left behind, or None."""
-    failed = {attempt["run_dir"] for attempt in attempts if attempt["outcome"] == "failed"}
+    failed = {
+        attempt["run_dir"] for attempt in attempts if attempt["outcome"] == "failed"
+    }
     unfinished = [
         run
         for run in run_dirs(point["dir"])
@@ -412,7 +426,13 @@ def resume_command(point, run_dir, python=sys.executable):
         for name, value in point["settings"].items()
         if name in NOT_MEASURED
     ]
-    return [python, str(point["script"]), f"--resume={run_dir}", f"--out_dir={point['dir']}", *kept]
+    return [
+        python,
+        str(point["script"]),
+        f"--resume={run_dir}",
+        f"--out_dir={point['dir']}",
+        *kept,
+    ]
 
 
 # ---------------------------------------------------------------------------------
@@ -434,7 +454,9 @@ def claim_point(point_dir):
         os.close(fd)
         return None, holder
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
+    os.pwrite(
+        fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0
+    )
     return fd, None
 
 
@@ -497,7 +519,10 @@ def run_point(point, fd):
     command = resume_command(point, resume) if resume else new_run_command(point)
     write_json(
         point["dir"] / "point.json",
-        {key: point[key] for key in ("id", "script", "swept", "seed", "settings", "config")},
+        {
+            key: point[key]
+            for key in ("id", "script", "swept", "seed", "settings", "config")
+        },
     )
     stdout_path, stderr_path = point["dir"] / "stdout.log", point["dir"] / "stderr.log"
     before = set(run_dirs(point["dir"]))
@@ -567,36 +592,51 @@ def run_study(study, points):
     todo = [p for p in points if not finished_run(p)]
     print(
         f"study {study['name']}: {len(points)} points, {len(points) - len(todo)} "
-        f"finished, {len(todo)} to run, in {Path(study['config']['OUT_DIR']) / 'study' / study['name']}"
+        f"finished, {len(todo)} to run, in {study['root']}"
     )
     failed, skipped = [], []
     for index, point in enumerate(todo, 1):
         fd, holder = claim_point(point["dir"])
         if fd is None:
-            print(f"[{index}/{len(todo)}] {describe(point)}: skipped, claimed by {holder}")
+            print(
+                f"[{index}/{len(todo)}] {describe(point)}: skipped, claimed by {holder}"
+            )
             skipped.append(point)
             continue
         try:
             if finished_run(point):  # finished by another process meanwhile
                 continue
-            print(f"[{index}/{len(todo)}] {describe(point)}: running (log: {point['dir']}/stdout.log)", flush=True)
+            print(
+                f"[{index}/{len(todo)}] {describe(point)}: running "
+                f"(log: {point['dir'] / 'stdout.log'})",
+                flush=True,
+            )
             attempt = run_point(point, fd)
         finally:
             os.close(fd)
         if attempt["outcome"] == "finished":
-            metrics = json.loads((finished_run(point) / "metrics.json").read_text())
-            value = metrics.get(study["config"]["METRIC"], "?")
-            print(f"    done in {attempt['seconds']:.0f} s: {study['config']['METRIC']} {value}")
+            metric = study["config"]["METRIC"]
+            value = read_metric(finished_run(point), metric)
+            print(f"    done in {attempt['seconds']:.0f} s: {metric} {value}")
         else:
             print(f"    failed (exit {attempt['returncode']}): {attempt['error']}")
             failed.append((point, attempt))
     if skipped:
-        print(f"{len(skipped)} point(s) are being trained by other processes: rerun to collect them")
+        print(
+            f"{len(skipped)} point(s) are being trained by other processes: "
+            f"run the same command again once they end, to collect them"
+        )
     return failed
 
 
 # ---------------------------------------------------------------------------------
 # Estimate: remaining time from the runs already done
+
+
+def read_metric(run_dir, metric):
+    """A metric of a finished run, as printed: 4 decimals for fractions."""
+    value = json.loads((run_dir / "metrics.json").read_text()).get(metric, "missing")
+    return f"{value:.4f}" if type(value) is float else value
 
 
 def wall_seconds(point):
@@ -617,7 +657,11 @@ def estimate(points):
     for point in points:
         if finished_run(point):
             continue
-        same = [s for p, s in done if p["script"] == point["script"] and p["swept"] == point["swept"]]
+        same = [
+            s
+            for p, s in done
+            if p["script"] == point["script"] and p["swept"] == point["swept"]
+        ]
         same = same or [s for p, s in done if p["script"] == point["script"]]
         if same:
             total += statistics.mean(same)
@@ -635,16 +679,16 @@ def duration(seconds):
 
 
 def dry_run(study, points):
-    print(f"study {study['name']}: {len(points)} points in {Path(study['config']['OUT_DIR']) / 'study' / study['name']}")
+    print(f"study {study['name']}: {len(points)} points in {study['root']}")
     metric = study["config"]["METRIC"]
     for point in points:
         run = finished_run(point)
         attempts = read_attempts(point)
         holder = claim_holder(point["dir"])
         if run:
-            value = json.loads((run / "metrics.json").read_text()).get(metric, "?")
             seconds = wall_seconds(point)
-            state = f"finished  {metric} {value}" + (f" ({seconds:.0f} s)" if seconds else "")
+            state = f"finished  {metric} {read_metric(run, metric)}"
+            state += f" ({seconds:.0f} s)" if seconds else ""
         elif holder:
             state = f"running   claimed by {holder}"
         elif attempts and attempts[-1]["outcome"] == "failed":
@@ -661,10 +705,11 @@ def dry_run(study, points):
     elif not used:
         print(f"ESTIMATE: none yet for {left} points: no finished run to time")
     else:
+        unknown = f"; {unknown} more with no finished run of their script" * bool(unknown)
         print(
             f"ESTIMATE (from {used} finished runs, not a measurement): about "
-            f"{duration(seconds)} for {counted} of {left} unfinished points, one at a time"
-            + (f"; {unknown} more with no finished run of their script" if unknown else "")
+            f"{duration(seconds)} for {counted} of {left} unfinished points, "
+            f"one at a time{unknown}"
         )
 
 
@@ -672,7 +717,16 @@ def commands(study, points):
     """The command that trains each unfinished point, claim and resume included."""
     for point in points:
         if not finished_run(point):
-            print(shlex.join([sys.executable, sys.argv[0], *study["argv"], f"--point={point['id']}"]))
+            print(
+                shlex.join(
+                    [
+                        sys.executable,
+                        sys.argv[0],
+                        *study["argv"],
+                        f"--point={point['id']}",
+                    ]
+                )
+            )
 
 
 # ---------------------------------------------------------------------------------
@@ -731,7 +785,9 @@ def summarise(study, rows):
                 "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
                 "count": len(values),
                 "wall": statistics.mean(walls) if walls else None,
-                "train": statistics.mean(row["metrics"].get("train_seconds", 0) for row in group),
+                "train": statistics.mean(
+                    row["metrics"].get("train_seconds", 0) for row in group
+                ),
             }
         )
     return summary
@@ -774,7 +830,12 @@ def settings_text(study):
 
 
 def machines(points):
-    found = {f"{a['host']} ({a['cpu']})" for p in points for a in read_attempts(p) if a["outcome"] == "finished"}
+    found = {
+        f"{a['host']} ({a['cpu']})"
+        for p in points
+        for a in read_attempts(p)
+        if a["outcome"] == "finished"
+    }
     return "; ".join(sorted(found)) or "not recorded"
 
 
@@ -793,10 +854,13 @@ def write_markdown(path, study, summary, rows, points):
         f"- data: {data_label(study, rows)}",
         f"- machine(s) that trained: {machines(points)}",
         "",
-        f"| script | {' | '.join(swept_names)} | runs | mean | std | wall s per run | train s per run |",
+        f"| script | {' | '.join(swept_names)} | runs | mean | std "
+        f"| wall s per run | train s per run |",
         "|---|" + "---|" * len(swept_names) + "---|---|---|---|---|",
     ]
-    for row in sorted(summary, key=lambda r: (r["script"], sort_key(list(r["swept"].values())))):
+    for row in sorted(
+        summary, key=lambda r: (r["script"], sort_key(list(r["swept"].values())))
+    ):
         cells = [format_cell(row["swept"].get(n.upper(), "-")) for n in swept_names]
         std = "-" if math.isnan(row["std"]) else f"{row['std']:.4f}"
         wall = "-" if row["wall"] is None else f"{row['wall']:.0f}"
@@ -824,11 +888,15 @@ def sort_key(values):
 
 
 def axis_kind(values):
-    """"log", "symlog", "linear" or "category" for a swept setting's values."""
+    """ "log", "symlog", "linear" or "category" for a swept setting's values."""
     if not all(type(v) in (int, float) for v in values):
         return "category"
     positive = [v for v in values if v > 0]
-    if len(positive) > 1 and max(positive) / min(positive) >= LOG_SPAN and min(values) >= 0:
+    if (
+        len(positive) > 1
+        and max(positive) / min(positive) >= LOG_SPAN
+        and min(values) >= 0
+    ):
         return "log" if len(positive) == len(values) else "symlog"
     return "linear"
 
@@ -865,7 +933,9 @@ def plot(path, study, summary, rows):
         if x_name not in group[0]["swept"]:
             # A script without this setting: one point per seed, drawn as a level.
             mean, std = group[0]["mean"], group[0]["std"]
-            line = axes.axhline(mean, linestyle="--", label=f"{label}, no {x_name.lower()}")
+            line = axes.axhline(
+                mean, linestyle="--", label=f"{label}, no {x_name.lower()}"
+            )
             if not math.isnan(std):
                 axes.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.15)
             continue
@@ -936,14 +1006,19 @@ def report(study, points):
 
 
 def help_text():
-    presets = "\n".join(f"  {name:<16} {p.__doc__.strip()}" for name, p in PRESETS.items())
+    presets = "\n".join(
+        f"  {name:<16} {p.__doc__.strip()}" for name, p in PRESETS.items()
+    )
     source = Path(__file__).read_text().split("# Config (", 1)[1].split("\nCONFIG", 1)[0]
     settings = "\n".join(
         "  --" + line.split(" = ", 1)[0].lower() + "=" + line.split(" = ", 1)[1]
         for line in source.splitlines()[1:]
         if " = " in line
     )
-    return f"{__doc__}\nPresets:\n{presets}\n\nStudy settings (default, meaning):\n{settings}\n"
+    return (
+        f"{__doc__}\nPresets:\n{presets}\n\n"
+        f"Study settings (default, meaning):\n{settings}\n"
+    )
 
 
 def main(argv):
@@ -964,13 +1039,18 @@ def main(argv):
         commands(study, points)
         return 0
     signal.signal(signal.SIGTERM, raise_interrupt)  # a scheduler's stop: as Ctrl-C
-    root = Path(config["OUT_DIR"]) / "study" / study["name"]
-    root.mkdir(parents=True, exist_ok=True)
+    study["root"].mkdir(parents=True, exist_ok=True)
     if not config["POINT"]:
         write_json(
-            root / "study.json",
-            {key: study[key] for key in ("name", "question", "sweeps", "seeds", "settings", "argv")}
-            | {"scripts": [str(p) for p in study["scripts"]], "points": [p["id"] for p in points]},
+            study["root"] / "study.json",
+            {
+                key: study[key]
+                for key in ("name", "question", "sweeps", "seeds", "settings", "argv")
+            }
+            | {
+                "scripts": [str(p) for p in study["scripts"]],
+                "points": [p["id"] for p in points],
+            },
         )
     try:
         failed = run_study(study, points)
@@ -1008,5 +1088,7 @@ if __name__ == "__main__":
         print(f"study.py: error: {error}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
-        print("study.py: interrupted. Run the same command again to go on.", file=sys.stderr)
+        print(
+            "study.py: interrupted. Run the same command again to go on.", file=sys.stderr
+        )
         sys.exit(EXIT_INTERRUPTED)

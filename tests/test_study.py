@@ -16,7 +16,13 @@ from conftest import OFFLINE_ENV, REPO
 
 import study
 
-TINY = ["--epochs=1", "--steps_per_epoch=1", "--width=8", "--batch_size=32", "--verbose=0"]
+TINY = [
+    "--epochs=1",
+    "--steps_per_epoch=1",
+    "--width=8",
+    "--batch_size=32",
+    "--verbose=0",
+]
 SWEEP = ["scratch_cnn.py", "--sweep=train_images:100,200", "--seeds=0,1", "--study=tiny"]
 ENV = {**os.environ, **OFFLINE_ENV}
 
@@ -43,12 +49,18 @@ def run_study(args, timeout=600):
 
 
 def point_dirs(root):
-    return sorted(path for path in (root / "runs" / "study" / "tiny").iterdir() if path.is_dir())
+    return sorted(
+        path for path in (root / "runs" / "study" / "tiny").iterdir() if path.is_dir()
+    )
 
 
 def attempts(point_dir):
     path = point_dir / "attempts.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines()]
+        if path.is_file()
+        else []
+    )
 
 
 def runs_in(point_dir):
@@ -71,7 +83,9 @@ def tiny_study(tmp_path_factory, cifar_dir):
     )
     # Points run seed by seed: the second is train_images=200, seed 0. Its run
     # folder appears once its data and model are ready, just before training.
-    pattern = "runs/study/tiny/scratch_cnn-train_images=200-seed=0-*/scratch_cnn/*/config.json"
+    pattern = (
+        "runs/study/tiny/scratch_cnn-train_images=200-seed=0-*/scratch_cnn/*/config.json"
+    )
     deadline = time.monotonic() + 300
     while not list(root.glob(pattern)) and process.poll() is None:
         assert time.monotonic() < deadline, "the second point never started"
@@ -158,7 +172,9 @@ def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study, cifar
 
     commands = run_study([*args, "--commands"]).stdout.splitlines()
     assert len(commands) == 2
-    assert all("train_images=300" in line and "--dry_run" not in line for line in commands)
+    assert all(
+        "train_images=300" in line and "--dry_run" not in line for line in commands
+    )
     point_id = shlex.split(commands[0])[-1].split("=", 1)[1]
     point_dir = root / "runs" / "study" / "tiny" / point_id
 
@@ -218,8 +234,14 @@ def test_failing_point_is_recorded_and_the_study_goes_on(tiny_study, cifar_dir):
     "args, message",
     [
         (["data_efficiencyy"], "unknown preset or script 'data_efficiencyy'"),
-        (["evaluate.py", "--sweep=batch_size:1,2"], "evaluate.py is not a training script"),
-        (["scratch_cnn.py", "--sweep=train_imagez:1,2"], "unknown setting --sweep=train_imagez"),
+        (
+            ["evaluate.py", "--sweep=batch_size:1,2"],
+            "evaluate.py is not a training script",
+        ),
+        (
+            ["scratch_cnn.py", "--sweep=train_imagez:1,2"],
+            "unknown setting --sweep=train_imagez",
+        ),
         (["scratch_cnn.py", "--sweep=train_images:100,1e3"], "--train_images takes int"),
         (["scratch_cnn.py", "--sweep=optimizer:"], "--sweep=optimizer: empty value list"),
         (["scratch_cnn.py"], "nothing to sweep"),
