@@ -636,7 +636,7 @@ def run_study(study, points):
 def read_metric(run_dir, metric):
     """A metric of a finished run, as printed: 4 decimals for fractions."""
     value = json.loads((run_dir / "metrics.json").read_text()).get(metric, "missing")
-    return f"{value:.4f}" if type(value) is float else value
+    return number(value) if type(value) in (int, float) else value
 
 
 def wall_seconds(point):
@@ -731,6 +731,14 @@ def commands(study, points):
 
 # ---------------------------------------------------------------------------------
 # Save/Report: study_<name>.csv, .md and .png from the finished runs
+
+
+def check_metric(study, points):
+    """Stop before any run if the finished runs already show --metric is no number."""
+    for point in points:
+        if finished_run(point):
+            collect(study, [point])
+            return
 
 
 def collect(study, points):
@@ -862,11 +870,11 @@ def write_markdown(path, study, summary, rows, points):
         summary, key=lambda r: (r["script"], sort_key(list(r["swept"].values())))
     ):
         cells = [format_cell(row["swept"].get(n.upper(), "-")) for n in swept_names]
-        std = "-" if math.isnan(row["std"]) else f"{row['std']:.4f}"
+        std = "-" if math.isnan(row["std"]) else number(row["std"])
         wall = "-" if row["wall"] is None else f"{row['wall']:.0f}"
         lines.append(
             f"| {row['script']} | {' | '.join(cells)} | {row['count']} | "
-            f"{row['mean']:.4f} | {std} | {wall} | {row['train']:.0f} |"
+            f"{number(row['mean'])} | {std} | {wall} | {row['train']:.0f} |"
         )
     unfinished = [p for p in points if not finished_run(p)]
     if unfinished:
@@ -877,6 +885,13 @@ def write_markdown(path, study, summary, rows, points):
             error = f": failed: {attempts[-1]['error']}" if failed else ""
             lines.append(f"- `{point['id']}`{error}")
     write_text(path, "\n".join(lines) + "\n")
+
+
+def number(value):
+    """4 decimals for fractions such as accuracies, 1 for larger numbers."""
+    if type(value) is int:
+        return f"{value:,}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
 
 
 def format_cell(value):
@@ -1038,6 +1053,7 @@ def main(argv):
     if config["COMMANDS"]:
         commands(study, points)
         return 0
+    check_metric(study, points)
     signal.signal(signal.SIGTERM, raise_interrupt)  # a scheduler's stop: as Ctrl-C
     study["root"].mkdir(parents=True, exist_ok=True)
     if not config["POINT"]:
@@ -1092,3 +1108,5 @@ if __name__ == "__main__":
             "study.py: interrupted. Run the same command again to go on.", file=sys.stderr
         )
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `study.py ... --commands | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
