@@ -942,36 +942,47 @@ def plot(path, study, summary, rows):
         ]
         lines.setdefault(", ".join([row["script"], *others]), []).append(row)
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    for label, group in lines.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, group) in enumerate(lines.items()):
+        color = colors[index % len(colors)]
         counts = sorted({row["count"] for row in group})
         label += f" (n={'-'.join(map(str, counts[:: max(len(counts) - 1, 1)]))})"
         if x_name not in group[0]["swept"]:
             # A script without this setting: one point per seed, drawn as a level.
             mean, std = group[0]["mean"], group[0]["std"]
-            line = axes.axhline(
-                mean, linestyle="--", label=f"{label}, no {x_name.lower()}"
+            axes.axhline(
+                mean, color=color, linestyle="--", label=f"{label}, no {x_name.lower()}"
             )
             if not math.isnan(std):
-                axes.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.15)
+                axes.axhspan(mean - std, mean + std, color=color, alpha=0.15)
             continue
         group = sorted(group, key=lambda row: sort_key([row["swept"][x_name]]))
         xs = [position[row["swept"][x_name]] for row in group]
+        if kind == "category":  # side by side, so the bars do not hide each other
+            xs = [x + 0.08 * (index - (len(lines) - 1) / 2) for x in xs]
         means = [row["mean"] for row in group]
         stds = [0.0 if math.isnan(row["std"]) else row["std"] for row in group]
-        (line,) = axes.plot(xs, means, marker="o", label=label)
-        axes.fill_between(
-            xs,
-            [mean - std for mean, std in zip(means, stds)],
-            [mean + std for mean, std in zip(means, stds)],
-            color=line.get_color(),
-            alpha=0.2,
-            linewidth=0,
-        )
+        if kind == "category":  # no line between values that have no order
+            axes.errorbar(
+                xs, means, yerr=stds, fmt="o", color=color, capsize=5, label=label
+            )
+        else:
+            axes.plot(xs, means, marker="o", color=color, label=label)
+            axes.fill_between(
+                xs,
+                [mean - std for mean, std in zip(means, stds)],
+                [mean + std for mean, std in zip(means, stds)],
+                color=color,
+                alpha=0.2,
+                linewidth=0,
+            )
         for x, row in zip(xs, group):
             axes.scatter(
-                [x] * len(row["values"]), row["values"], s=12, color=line.get_color(),
+                [x] * len(row["values"]), row["values"], s=12, color=color,
                 alpha=0.5, zorder=3, linewidths=0,
             )  # fmt: skip
+    if kind == "category":
+        axes.set_xlim(-0.5, len(x_values) - 0.5)
     if kind == "log":
         axes.set_xscale("log")
     elif kind == "symlog":
@@ -985,8 +996,9 @@ def plot(path, study, summary, rows):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=9)
     seeds = ", ".join(map(str, study["seeds"]))
+    band = "bars" if kind == "category" else "band"
     subtitle = (
-        f"mean ± standard deviation over seeds {seeds} (band), one dot per run; "
+        f"mean ± standard deviation over seeds {seeds} ({band}), one dot per run; "
         f"settings: {settings_text(study)}; data: {data_label(study, rows)}"
     )
     title = study["question"] or f"{metric} against {x_name.lower()}"
