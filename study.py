@@ -72,6 +72,14 @@ NOT_MEASURED = ("OUT_DIR", "RESUME", "VERBOSE", "DATA_DIR")
 RUN_CONTRACT = ("SEED", "OUT_DIR", "RESUME")  # a training script's config block has these
 LOG_SPAN = 100  # a numeric setting whose largest/smallest positive value reaches this
 # ratio (two decades) is plotted on a log axis
+COLOURS = {
+    "scratch_cnn": "tab:blue",
+    "transfer_mobilenetv2": "tab:orange",
+}  # evaluate.py's
+SHADES = {
+    "scratch_cnn": "Blues",
+    "transfer_mobilenetv2": "Oranges",
+}  # lines of one script
 TF_NOTICE = re.compile(
     r"^([IWEF]\d{4} |WARNING: All log messages before absl|To enable the following)"
 )
@@ -916,6 +924,30 @@ def axis_kind(values):
     return "linear"
 
 
+def line_colours(lines):
+    """{label: colour}: each script in its colour (evaluate.py's); several lines of
+    one script (a second swept setting) in shades of it."""
+    import matplotlib
+
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    by_script = {}
+    for label, group in lines.items():
+        by_script.setdefault(group[0]["script"], []).append(label)
+    colours = {}
+    for index, (script, labels) in enumerate(by_script.items()):
+        if script not in COLOURS:
+            colours.update(
+                {label: cycle[(index + len(COLOURS)) % len(cycle)] for label in labels}
+            )
+        elif len(labels) == 1:
+            colours[labels[0]] = COLOURS[script]
+        else:
+            shades = matplotlib.colormaps[SHADES[script]]
+            for rank, label in enumerate(labels):
+                colours[label] = shades(0.45 + 0.5 * rank / (len(labels) - 1))
+    return colours
+
+
 def plot(path, study, summary, rows):
     """The metric against the first swept setting: a line per script (and value of a
     second swept setting), the mean over seeds with a band of one standard deviation
@@ -942,9 +974,9 @@ def plot(path, study, summary, rows):
         ]
         lines.setdefault(", ".join([row["script"], *others]), []).append(row)
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = line_colours(lines)
     for index, (label, group) in enumerate(lines.items()):
-        color = colors[index % len(colors)]
+        color = colours[label]
         counts = sorted({row["count"] for row in group})
         label += f" (n={'-'.join(map(str, counts[:: max(len(counts) - 1, 1)]))})"
         if x_name not in group[0]["swept"]:
