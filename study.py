@@ -25,6 +25,8 @@ transfer_mobilenetv2.py); a name no script of the study has is an error.
 
 Exit codes: 0 done (or nothing left to run), 1 a point failed (named; the others ran),
 2 bad command line, before any run starts, 130 interrupted (rerun to go on).
+
+Result: no study has been measured on real CIFAR-10 yet (README, Studies).
 """
 
 import ast
