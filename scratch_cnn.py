@@ -119,14 +119,16 @@ def main(argv):
     )
     training.require(config["EPOCHS"] > 0, "--epochs must be positive")
     training.seed_everything(config["SEED"])
-    training.set_precision(config["MIXED_PRECISION"])
+    strategy = training.distribution_strategy()
+    replicas = strategy.num_replicas_in_sync
+    training.set_precision(config["MIXED_PRECISION"], replicas)
+    config["BATCH_SIZE"] = training.global_batch_size(config["BATCH_SIZE"], replicas)
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
     pipelines = data.pipelines_for(config, VALUE_RANGE)
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
-    strategy = training.distribution_strategy()
     with strategy.scope():
         model = build_model(
             config["IMG_SIZE"],

@@ -7,14 +7,17 @@ Nothing here holds a hyperparameter: each script's config block does.
 
 import ast
 import csv
+import io
 import json
 import platform
 import shutil
 import sys
 import time
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import tensorflow as tf
@@ -166,22 +169,86 @@ def list_runs(out_dir, script, finished):
 
 def run_to_resume(resume, out_dir, script):
     """The run folder that `--resume` names: a path, or "last" for the newest
-    unfinished run of `script`."""
+    unfinished run of `script`. Checked before any work: a run of another script,
+    a damaged config.json, a truncated model.keras or a damaged or NaN backup stops
+    with exit 3 naming the file, and the folder is left as it is."""
     if resume == "last":
         unfinished = list_runs(out_dir, script, finished=False)
         if not unfinished:
             raise ConfigError(
                 f"--resume=last: no unfinished run in {Path(out_dir) / script}"
             )
-        return unfinished[-1]
-    run_dir = Path(resume)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume={resume}: not a run folder (no config.json in it)")
-    if (run_dir / "metrics.json").is_file():
-        raise ConfigError(
-            f"--resume={resume}: that run has finished (metrics.json exists)"
-        )
+        run_dir = unfinished[-1]
+    else:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(
+                f"--resume={resume}: not a run folder (no config.json in it)"
+            )
+        if (run_dir / "metrics.json").is_file():
+            raise ConfigError(
+                f"--resume={resume}: that run has finished (metrics.json exists)"
+            )
+    check_resumable(run_dir, script)
     return run_dir
+
+
+def check_resumable(run_dir, script):
+    """Raise DataError naming the first file of `run_dir` that a resume of `script`
+    could not safely go on from."""
+    cannot = "this run cannot be resumed; start a new one"
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        owner, settings = saved["script"], saved["config"]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise DataError(f"{path}: damaged ({type(error).__name__}); {cannot}") from None
+    if owner != script or not isinstance(settings, dict):
+        raise DataError(
+            f"{path}: a run of {owner}.py, not {script}.py; resume it with: "
+            f"python {owner}.py --resume={run_dir}"
+        )
+    path = run_dir / "model.keras"
+    if path.exists():
+        try:  # a .keras file is a zip: a truncated one has no central directory
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (OSError, zipfile.BadZipFile):
+            damaged = "the archive"
+        if damaged:
+            raise DataError(
+                f"{path}: damaged or truncated ({damaged} unreadable); {cannot}"
+            )
+    for path in sorted((run_dir / "backup").glob("*/training_metadata.json")):
+        try:
+            int(json.loads(path.read_text())["epoch"])
+        except (OSError, ValueError, TypeError, KeyError):
+            raise DataError(f"{path}: damaged; {cannot}") from None
+    for path in sorted((run_dir / "backup").glob("*/latest.weights.h5")):
+        finite = weights_file_is_finite(path)
+        if finite is None:
+            raise DataError(f"{path}: damaged or truncated; {cannot}")
+        if not finite:
+            raise DataError(
+                f"{path}: holds NaN or inf weights (the run diverged); resuming would "
+                f"train on from them. Start a new run with a lower learning rate"
+            )
+
+
+def weights_file_is_finite(path):
+    """True if every floating-point array in the .weights.h5 file at `path` is
+    finite, False if one is not, None if the file cannot be read."""
+    arrays = []
+    try:
+        with h5py.File(path, "r") as file:
+            file.visititems(
+                lambda name, item: arrays.append(item[()])
+                if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
+                else None
+            )
+    except (OSError, ValueError, KeyError):
+        return None
+    return all(np.isfinite(array).all() for array in arrays)
 
 
 def resumed_config(
@@ -287,15 +354,47 @@ def distribution_strategy():
     return tf.distribute.get_strategy()
 
 
-def set_precision(mixed_precision):
-    """float16 compute with float32 weights on GPUs; float32 everywhere otherwise."""
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if mixed_precision else "float32"
+def precision_policy(mixed_precision, replicas):
+    """The Keras dtype policy for a run: float32, or with `mixed_precision`
+    mixed_float16 on one replica and mixed_bfloat16 on several. Keras 3.15.1's
+    LossScaleOptimizer (merge_call path in _tf_apply) judges whether a step
+    overflowed from the first replica's gradients alone, before they are summed:
+    an overflow on another GPU reaches the weights as inf. bfloat16 has float32's
+    range and needs no loss scaling, so it cannot fail that way."""
+    if not mixed_precision:
+        return "float32"
+    return "mixed_float16" if replicas == 1 else "mixed_bfloat16"
+
+
+def set_precision(mixed_precision, replicas=1):
+    """Set and return the global dtype policy (see precision_policy); call it
+    once the strategy exists, before the model is built."""
+    policy = precision_policy(mixed_precision, replicas)
+    keras.mixed_precision.set_global_policy(policy)
+    if policy == "mixed_bfloat16":
+        print(
+            f"precision: mixed_bfloat16 on {replicas} replicas (mixed_float16's loss "
+            f"scaling is not safe on several replicas in Keras 3.15)"
+        )
+    return policy
+
+
+def global_batch_size(batch_size, replicas):
+    """BATCH_SIZE, the global batch, rounded to the nearest multiple of `replicas`
+    (at least one image each) so every step splits evenly; says so when it
+    changes. A batch size of 0 or less is returned as it is, for data.py to refuse."""
+    if batch_size <= 0 or batch_size % replicas == 0:
+        return batch_size
+    rounded = max(round(batch_size / replicas), 1) * replicas
+    print(
+        f"  batch_size = {rounded}  (rounded from {batch_size} to a multiple of "
+        f"{replicas} replicas: {rounded // replicas} images each)"
     )
+    return rounded
 
 
 # ---------------------------------------------------------------------------------
-# Training: Keras callbacks for checkpoint, history, NaN guard and resume
+# Training: Keras callbacks for checkpoint, history, divergence and resume
 
 
 def compile_model(model, optimizer, label_smoothing, jit_compile):
@@ -307,6 +406,113 @@ def compile_model(model, optimizer, label_smoothing, jit_compile):
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
+
+
+class Diverged(Exception):
+    """The loss, or a weight, became NaN or inf in epoch `epoch` (0-based)."""
+
+    def __init__(self, epoch):
+        super().__init__(epoch)
+        self.epoch = epoch
+
+
+def all_finite(variables):
+    return all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in variables)
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Raise Diverged at the first NaN or inf loss, and at an epoch's end whose
+    validation loss, weights or optimizer state are not finite. First in the list,
+    so a diverged epoch writes no checkpoint, history row or backup and the run
+    folder keeps its last finite state. (Keras 3.15.1's TerminateOnNaN only stops
+    after the epoch ends, and BackupAndRestore then saves the NaN weights.)"""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise Diverged(self.epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        losses = [(logs or {}).get(name) for name in ("loss", "val_loss")]
+        if not all_finite(
+            [loss for loss in losses if loss is not None]
+            + self.model.weights
+            + self.model.optimizer.variables
+        ):
+            raise Diverged(epoch)
+
+
+class Checkpoint(keras.callbacks.ModelCheckpoint):
+    """model.keras, the best epoch by val_accuracy, written whole or not at all:
+    Keras 3.15.1 writes it in place, so a crash or Ctrl-C mid-write would leave a
+    truncated file where the best model was. Saved as model.partial.keras, then
+    renamed over it."""
+
+    def __init__(self, path, best):
+        self.path = Path(path)
+        super().__init__(
+            str(self.path.with_suffix(".partial.keras")),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=best,
+        )
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        # What a crash left half-written must never be renamed into place.
+        Path(self.filepath).unlink(missing_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if Path(self.filepath).exists():
+            Path(self.filepath).replace(self.path)
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras's resume state (weights, optimizer state, epoch) in backup/<phase>,
+    written whole or not at all: Keras 3.15.1 writes latest.weights.h5 and
+    training_metadata.json in place, so a crash mid-write leaves a backup no
+    resume can load. Each is written under a temporary name and renamed, weights
+    first: a crash between the two renames repeats one epoch, no more. Last in
+    the list, so an epoch counts as done only once its checkpoint and history row
+    are on disk."""
+
+    def __init__(self, backup_dir):
+        super().__init__(str(backup_dir), delete_checkpoint=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        weights = Path(self._weights_path)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        partial = weights.with_name("partial.weights.h5")
+        self.model.save_weights(str(partial), overwrite=True)
+        partial.replace(weights)
+        write_json(self._training_metadata_path, {"epoch": epoch + 1, "batch": 0})
+
+
+def backed_up_epoch(backup_dir):
+    """The number of epochs the backup in `backup_dir` holds, None without one."""
+    path = Path(backup_dir) / "training_metadata.json"
+    return json.loads(path.read_text())["epoch"] if path.is_file() else None
+
+
+class EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping on val_accuracy that survives a resume: Keras 3.15.1
+    resets the best value and the patience count in on_train_begin, so a resumed
+    run would wait `patience` epochs afresh. This one replays `earlier_rows`, the
+    phase's epochs already in history.csv, whenever training begins."""
+
+    def __init__(self, patience, earlier_rows):
+        super().__init__(monitor="val_accuracy", mode="max", patience=patience)
+        self.earlier_rows = earlier_rows
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for row in self.earlier_rows:
+            self.on_epoch_end(row["epoch"], row)
 
 
 class History(keras.callbacks.CSVLogger):
@@ -345,7 +551,11 @@ def read_history(run_dir):
         return []
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
-    return [{key: _number(value) for key, value in row.items()} for row in rows]
+    return [
+        {key: _number(value) for key, value in row.items()}
+        for row in rows
+        if None not in row.values()  # a row a crash cut short
+    ]
 
 
 def _number(text):
@@ -355,6 +565,29 @@ def _number(text):
         except ValueError:
             pass
     return text
+
+
+def drop_history_rows(run_dir, phase, start):
+    """Remove from history.csv the rows of `phase` from epoch `start` on, and any
+    half-written row: epochs the backup does not hold, which a resume repeats."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+    kept = [
+        row
+        for row in rows
+        if None not in row.values()
+        and (row["phase"] != phase or _number(row["epoch"]) < start)
+    ]
+    if len(kept) < len(rows):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, reader.fieldnames)  # CSVLogger's dialect
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text(path, text.getvalue())
 
 
 def fit(
@@ -371,32 +604,43 @@ def fit(
     early_stopping_patience=0,
     verbose=1,
 ):
-    """`model.fit` with the run's callbacks. Safe to call again on the same run
-    folder: it restores the last finished epoch (weights and optimizer state) from
-    `backup/<phase>` and goes on to `epochs`. Ctrl-C keeps the best checkpoint,
-    the history and the backup, and raises `Interrupted` with the resume command."""
-    history_rows = read_history(run_dir)
-    best = max((row["val_accuracy"] for row in history_rows), default=None)
+    """`model.fit` from epoch `initial_epoch` to `epochs` with the run's callbacks.
+    Safe to call again on the same run folder: it restores the last finished
+    epoch (weights and optimizer state) from `backup/<phase>`, drops history rows
+    the backup does not hold, and goes on to `epochs`; early stopping remembers
+    the phase's earlier epochs. Each epoch writes its checkpoint, then its history
+    row, then its backup, each file whole or not at all. Ctrl-C raises
+    `Interrupted` with the resume command; divergence raises ConfigError and
+    leaves the last finite state."""
+    run_dir = Path(run_dir)
+    backup_dir = run_dir / "backup" / phase
+    start = backed_up_epoch(backup_dir) or initial_epoch
+    # model.keras may come from a row about to be dropped (the checkpoint is
+    # written before the row): a later epoch must beat that row too.
+    best = max((row["val_accuracy"] for row in read_history(run_dir)), default=None)
+    drop_history_rows(run_dir, phase, start)
     callbacks = [
-        keras.callbacks.BackupAndRestore(
-            str(run_dir / "backup" / phase), delete_checkpoint=False
-        ),
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(
-            str(run_dir / "model.keras"),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=best,
-        ),
+        DivergenceGuard(),
+        Checkpoint(run_dir / "model.keras", best),
         History(run_dir / "history.csv", phase, images_per_epoch),
     ]
     if early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=early_stopping_patience
+        earlier = [row for row in read_history(run_dir) if row["phase"] == phase]
+        stopper = EarlyStopping(early_stopping_patience, earlier)
+        stopper.set_model(model)
+        stopper.on_train_begin()
+        if stopper.stopped_epoch:
+            print(
+                f"{phase}: early stopping ended this phase after epoch "
+                f"{stopper.stopped_epoch + 1}; nothing more to train"
             )
-        )
+            return
+        callbacks.append(stopper)
+    callbacks.append(Backup(backup_dir))
+    # Keras 3.15.1: BackupAndRestore sets model._initial_epoch, nothing clears it
+    # and fit prefers it to `initial_epoch`, so a later phase without a backup of
+    # its own would start at the epoch the previous phase was restored to.
+    model._initial_epoch = None
     try:
         model.fit(
             train_data,
@@ -411,14 +655,19 @@ def fit(
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted; best checkpoint and history kept in {run_dir}. "
-            f"Resume with: python {Path(run_dir).parent.name}.py --resume={run_dir}"
+            f"Resume with: python {run_dir.parent.name}.py --resume={run_dir}"
         ) from None
-    losses = model.history.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]):
-        raise ConfigError(
-            f"training diverged (loss became NaN); lower the learning rate. "
-            f"History kept in {run_dir}"
+    except Diverged as diverged:
+        done = len(read_history(run_dir))
+        kept = (
+            f"its state after epoch {done}, the last finite one, is kept in {run_dir}"
+            if done
+            else f"it had finished no epoch ({run_dir})"
         )
+        raise ConfigError(
+            f"training diverged in epoch {diverged.epoch + 1} (NaN or inf); {kept}. "
+            f"Start a new run with a lower learning rate"
+        ) from None
 
 
 def predict_probabilities(model, dataset, tta_flip=False):

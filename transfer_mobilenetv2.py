@@ -226,7 +226,10 @@ def main(argv):
     )
     weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
-    training.set_precision(config["MIXED_PRECISION"])
+    strategy = training.distribution_strategy()
+    replicas = strategy.num_replicas_in_sync
+    training.set_precision(config["MIXED_PRECISION"], replicas)
+    config["BATCH_SIZE"] = training.global_batch_size(config["BATCH_SIZE"], replicas)
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
     pipelines = data.pipelines_for(config, VALUE_RANGE)
@@ -234,7 +237,6 @@ def main(argv):
 
     # Model. Pretrained: a head on the frozen base, then fine-tuning. Random: one
     # phase in which everything learns; the head-first phase protects nothing there.
-    strategy = training.distribution_strategy()
     with strategy.scope():
         model, base = build_model(config["IMG_SIZE"], weights, config["DROPOUT"])
         training.require(

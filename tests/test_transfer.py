@@ -269,14 +269,14 @@ def test_interrupted_fine_tuning_resumes_where_it_stopped(
 ):
     """Ctrl-C after the first fine-tuning epoch; the resumed run restores the head
     phase without training it again and goes on with epoch 2 of fine-tuning."""
-    log_epoch = training.History.on_epoch_end
+    back_up_epoch = training.Backup.on_epoch_end
 
     def interrupt_after_epoch_1(self, epoch, logs=None):
-        log_epoch(self, epoch, logs)
+        back_up_epoch(self, epoch, logs)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.History, "on_epoch_end", interrupt_after_epoch_1)
+    monkeypatch.setattr(training.Backup, "on_epoch_end", interrupt_after_epoch_1)
     with pytest.raises(training.Interrupted, match="--resume="):
         transfer.main(
             [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
