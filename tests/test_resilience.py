@@ -121,7 +121,8 @@ def test_resume_in_the_head_phase_starts_fine_tuning_at_its_own_epoch(
     which fit would use for fine-tuning)."""
     child = start(
         "transfer_mobilenetv2.py", tmp_path, f"--data_dir={cifar_dir}",
-        "--head_epochs=4", "--fine_tune_epochs=1", *transfer_tiny(base_weights), *SHORT_EPOCHS,
+        "--head_epochs=4", "--fine_tune_epochs=1", *transfer_tiny(base_weights),
+        *SHORT_EPOCHS,
     )  # fmt: skip
     run_dir = wait_for_epochs(child, tmp_path, transfer.SCRIPT, 1)
     interrupt(child, tmp_path)
@@ -187,7 +188,8 @@ def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
     finite state (and diverges again at the same epoch: same settings)."""
     args = [
         f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
-        "--fine_tune_epochs=2", "--fine_tune_lr=1e30", *transfer_tiny(base_weights), *SHORT_EPOCHS,
+        "--fine_tune_epochs=2", "--fine_tune_lr=1e30", *transfer_tiny(base_weights),
+        *SHORT_EPOCHS,
         *TINY_RUN,
     ]  # fmt: skip
     with pytest.raises(training.ConfigError, match="diverged in epoch 2") as error:
