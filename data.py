@@ -10,9 +10,11 @@ Writes plots/samples.png (random originals, the report's first figure) and
 plots/augmented.png (the same images augmented and resized to 96 px).
 """
 
+import contextlib
 import io
 import os
 import pickle
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -467,23 +469,42 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
         .prefetch(1)
     )
     done = 0
-    try:
-        for batch in chunks:
-            images[done : done + len(batch)] = batch.numpy()
-            done += len(batch)
-    except tf.errors.OpError:
-        # The chunk that failed starts at `done`: find its bad file, one at a time.
-        for path in files[done:]:
-            try:
-                decode(tf.constant(path))
-            except tf.errors.OpError as error:
-                reason = error.message.split("}}")[-1].split("[Op:")[0].strip()
-                raise training.DataError(
-                    f"{path}: not a readable image ({reason or type(error).__name__}); "
-                    "fix it or remove it"
-                ) from None
-        raise
+    with native_stderr_silenced():
+        try:
+            for batch in chunks:
+                images[done : done + len(batch)] = batch.numpy()
+                done += len(batch)
+        except tf.errors.OpError:
+            # The chunk that failed starts at `done`: find its bad file, one at a time.
+            for path in files[done:]:
+                try:
+                    decode(tf.constant(path))
+                except tf.errors.OpError as error:
+                    reason = error.message.split("}}")[-1].split("[Op:")[0].strip()
+                    raise training.DataError(
+                        f"{path}: not a readable image "
+                        f"({reason or type(error).__name__}); fix it or remove it"
+                    ) from None
+            raise
     return images
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 sent to /dev/null for a while: libjpeg and TensorFlow's C++
+    runtime write a corrupt file's complaints there, several lines without its
+    name, where the error raised instead names the file in one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # ---------------------------------------------------------------------------------

@@ -123,21 +123,18 @@ def test_val_folder_serves_as_test_set_and_may_lack_a_class(tmp_path):
 # End to end: data.py, both training scripts and evaluate.py on 3 classes
 
 
-def test_data_report_prints_classes_and_writes_figures(folders, tmp_path):
+def test_data_report_prints_classes_and_writes_figures(folders, tmp_path, capsys):
     plots = tmp_path / "plots"
-    result = run_script(
-        "data.py",
-        f"--data_dir={folders}",
-        f"--plots_dir={plots}",
-        "--figure_size=48",
-        "--val_fraction=0.2",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "test set: test/" in result.stdout
+    data.main(
+        [f"--data_dir={folders}", f"--plots_dir={plots}", "--figure_size=48",
+         "--val_fraction=0.2"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "test set: test/" in printed
     # 14 training images per class, 20% of them (3) held out for validation.
     for name in CLASSES:
-        assert re.search(rf"^{name}\s+11\s+3\s+4$", result.stdout, re.M), result.stdout
-    assert re.search(r"^total\s+33\s+9\s+12$", result.stdout, re.M)
+        assert re.search(rf"^{name}\s+11\s+3\s+4$", printed, re.M), printed
+    assert re.search(r"^total\s+33\s+9\s+12$", printed, re.M)
     for name in ("samples.png", "augmented.png"):
         assert (plots / name).stat().st_size > 5000
 
