@@ -50,7 +50,7 @@ import training
 OUT_DIR = "runs"  # where the training scripts leave runs: OUT_DIR/<script>/<timestamp>/
 SCRATCH_RUN = ""  # a finished scratch_cnn run folder; "" = the newest in OUT_DIR
 TRANSFER_RUN = ""  # a finished transfer_mobilenetv2 run folder; "" = the newest
-DATA_DIR = ""  # CIFAR-10 folder or .tar.gz for the test set; "" = each run's DATA_DIR
+DATA_DIR = ""  # CIFAR-10 or class folders for the test set; "" = each run's DATA_DIR
 PLOTS_DIR = "plots"  # figures, tables and report.md go here, replacing earlier ones
 DATA_LABEL = ""  # what the report calls the data, e.g. "CIFAR-10 (JPEG copy)"; "" = none
 BATCH_SIZE = 256  # test images per prediction batch
@@ -68,6 +68,7 @@ SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in ta
 RUN_SETTING = {"scratch_cnn": "SCRATCH_RUN", "transfer_mobilenetv2": "TRANSFER_RUN"}
 COLOURS = {"scratch_cnn": "tab:blue", "transfer_mobilenetv2": "tab:orange"}
 HEATMAP_COLOURS = {"scratch_cnn": "Blues", "transfer_mobilenetv2": "Oranges"}
+MAX_ANNOTATED_CLASSES = 20  # confusion matrices of more classes leave cells unlabelled
 CAPTION_POINTS = 11  # height of a caption line under an image, in points
 PHASE_NAMES = {"train": "training", "head": "head training", "fine_tune": "fine-tuning"}
 
@@ -178,15 +179,32 @@ def model_label(run):
 # Data: the test set each run was evaluated on, read once per source
 
 
+def run_class_names(run):
+    """The classes a run was trained on; runs saved before class folders existed
+    were CIFAR-10's."""
+    return tuple(run["saved"].get("class_names") or data.CLASS_NAMES)
+
+
 def load_test_set(run, data_dir, cache):
-    """(images uint8, labels, source, training images count) for `run`: from
-    `data_dir` when given, else from the DATA_DIR the run was trained with."""
+    """(images uint8, labels, source, training images count, class names, data set
+    name) for `run`: from `data_dir` when given, else from the DATA_DIR the run was
+    trained with. Class folders are decoded at the run's IMG_SIZE, as its training
+    decoded them."""
     where = data_dir or run["config"].get("DATA_DIR", "")
-    if where not in cache:
-        train_images, train_labels, images, labels, source = data.load_cifar10(where)
-        del train_images  # only its size is needed
-        cache[where] = (images, labels, source, len(train_labels))
-    return cache[where]
+    image_size = run["config"]["IMG_SIZE"]
+    test_fraction = run["config"].get("TEST_FRACTION", data.TEST_FRACTION)
+    # CIFAR-10 is read at 32 px whatever the run's size; class folders at its size.
+    folders = data.class_folders_root(where)
+    key = (where, test_fraction, image_size if folders else None)
+    if key not in cache:
+        cache[key] = data.load_test_data(where, image_size, test_fraction)
+    _, _, source, _, class_names = cache[key]
+    if tuple(class_names) != run_class_names(run):
+        raise training.DataError(
+            f"{run['dir']}: trained on the classes {', '.join(run_class_names(run))}; "
+            f"the test data in {source} has {', '.join(class_names)}; pass --data_dir="
+        )
+    return (*cache[key], "CIFAR-10" if folders is None else folders.resolve().name)
 
 
 def training_images(run, available):
@@ -220,12 +238,19 @@ def predict(model, run, images, labels, batch_size):
     (TTA_FLIP), as training.finish does. The timed pass is the second one: the
     first traces the graph for the full batches and again for the smaller last
     batch (on a GPU, an XLA compile each), which is set-up, not inference."""
+    num_classes = model.output_shape[-1]
+    if num_classes != len(run_class_names(run)):
+        raise training.DataError(
+            f"{run['dir'] / 'model.keras'}: {num_classes} outputs for "
+            f"{len(run_class_names(run))} classes in its config.json; train it again"
+        )
     test_data = data.make_dataset(
         images,
         labels,
         batch_size=batch_size,
         image_size=run["config"]["IMG_SIZE"],
         value_range=run["value_range"],
+        num_classes=num_classes,
     )
     tta_flip = run["config"].get("TTA_FLIP", False)
     training.predict_probabilities(model, test_data, tta_flip)
@@ -295,18 +320,19 @@ def epochs_to_reach(val_accuracy, fraction):
     return next(epoch for epoch, value in enumerate(val_accuracy, 1) if value >= target)
 
 
-def evaluate_predictions(probabilities, labels, bins):
+def evaluate_predictions(probabilities, labels, bins, class_names=data.CLASS_NAMES):
     """Accuracy, plain cross-entropy, confusion matrix, per-class accuracy and
-    calibration of one model's test-set probabilities."""
+    calibration of one model's test-set probabilities over `class_names`."""
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     correct = predicted == labels
-    confusion = confusion_matrix(labels, predicted, labels=range(data.NUM_CLASSES))
+    confusion = confusion_matrix(labels, predicted, labels=range(len(class_names)))
     per_class_total = confusion.sum(axis=1)
     with np.errstate(invalid="ignore"):
         per_class_accuracy = np.diag(confusion) / per_class_total
     true_probability = probabilities[np.arange(len(labels)), labels]
     return {
+        "class_names": tuple(class_names),
         "predicted": predicted,
         "confidence": confidence,
         "correct": correct,
@@ -452,18 +478,21 @@ def plot_confusion(run, evaluation, path, dpi):
     confusion = evaluation["confusion"]
     with np.errstate(invalid="ignore"):
         normalised = np.nan_to_num(confusion / confusion.sum(axis=1, keepdims=True))
-    figure, axes = new_figure(1, 2, size=(16, 7))
+    class_names = evaluation["class_names"]
+    # Room for every class; counts written in the cells while they still fit.
+    side = max(7.0, 0.4 * len(class_names))
+    figure, axes = new_figure(1, 2, size=(2.3 * side, side))
     for axis, values, fmt, title in (
         (axes[0, 0], confusion, "d", "test images"),
         (axes[0, 1], normalised, ".2f", "share of each true class (rows sum to 1)"),
     ):
         sns.heatmap(
             values,
-            annot=True,
+            annot=len(class_names) <= MAX_ANNOTATED_CLASSES,
             fmt=fmt,
             cmap=HEATMAP_COLOURS[run["script"]],
-            xticklabels=data.CLASS_NAMES,
-            yticklabels=data.CLASS_NAMES,
+            xticklabels=class_names,
+            yticklabels=class_names,
             square=True,
             cbar_kws={"shrink": 0.7},
             annot_kws={"fontsize": 8},
@@ -483,9 +512,11 @@ def plot_confusion(run, evaluation, path, dpi):
 
 def plot_per_class_accuracy(runs, evaluations, path, dpi):
     """per_class_accuracy.png: each class's test accuracy, the models side by side."""
-    figure, axes = new_figure()
+    class_names = evaluations[runs[0]["script"]]["class_names"]
+    width = max(12.0, 0.45 * len(runs) * len(class_names))
+    figure, axes = new_figure(size=(width, 4.5))
     axis = axes[0, 0]
-    positions = np.arange(data.NUM_CLASSES)
+    positions = np.arange(len(class_names))
     width = 0.8 / len(runs)
     for offset, run in enumerate(runs):
         evaluation = evaluations[run["script"]]
@@ -497,7 +528,10 @@ def plot_per_class_accuracy(runs, evaluations, path, dpi):
             label=f"{model_label(run)} (overall {evaluation['accuracy']:.1%})",
         )
         axis.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
-    axis.set_xticks(positions, data.CLASS_NAMES)
+    if len(class_names) > 10:
+        axis.set_xticks(positions, class_names, rotation=45, ha="right")
+    else:
+        axis.set_xticks(positions, class_names)
     axis.set_ylim(0, 1.15)
     axis.set_xlabel("true class")
     axis.set_ylabel("test accuracy (recall)")
@@ -507,12 +541,12 @@ def plot_per_class_accuracy(runs, evaluations, path, dpi):
     return save_figure(figure, path, dpi)
 
 
-def plot_confused_pairs(runs, pairs, top, path, dpi):
+def plot_confused_pairs(runs, pairs, top, class_names, path, dpi):
     """confused_pairs.png: each model's most frequent (true -> predicted) mistakes."""
     figure, axes = new_figure(1, len(runs), size=(6.5 * len(runs), 0.8 + 0.35 * top))
     for axis, run in zip(axes.flat, runs):
         rows = pairs[run["script"]]
-        names = [f"{data.CLASS_NAMES[t]} → {data.CLASS_NAMES[p]}" for t, p, _ in rows]
+        names = [f"{class_names[t]} → {class_names[p]}" for t, p, _ in rows]
         counts = [count for _, _, count in rows]
         # Largest at the top, in slots of equal height however few pairs there are.
         bars = axis.barh(np.arange(len(rows)), counts, 0.7, color=COLOURS[run["script"]])
@@ -559,11 +593,12 @@ def plot_misclassified(run, evaluation, images, labels, count, path, dpi):
         axes[0, 0].text(0.5, 0.5, "none", ha="center", va="center", fontsize=14)
     else:
         figure, axes = image_grid(len(shown), cell_height=2.1)
+    class_names = evaluation["class_names"]
     for axis, index in zip(axes.flat, shown):
         axis.imshow(images[index])
         axis.set_title(
-            f"{data.CLASS_NAMES[labels[index]]}\n"
-            f"→ {data.CLASS_NAMES[evaluation['predicted'][index]]} "
+            f"{class_names[labels[index]]}\n"
+            f"→ {class_names[evaluation['predicted'][index]]} "
             f"{evaluation['confidence'][index]:.0%}",
             fontsize=9,
         )
@@ -586,14 +621,15 @@ def plot_test_predictions(runs, evaluations, images, labels, count, seed, path, 
     figure, axes = image_grid(
         len(picks), cell_height=2.0 + 0.25 * len(runs), caption_lines=len(runs)
     )
+    class_names = evaluations[runs[0]["script"]]["class_names"]
     for axis, index in zip(axes.flat, picks):
         axis.imshow(images[index])
-        axis.set_title(f"true: {data.CLASS_NAMES[labels[index]]}", fontsize=9)
+        axis.set_title(f"true: {class_names[labels[index]]}", fontsize=9)
         for line, run in enumerate(runs):
             evaluation = evaluations[run["script"]]
             mark = "✓" if evaluation["correct"][index] else "✗"
             axis.annotate(
-                f"{mark} {data.CLASS_NAMES[evaluation['predicted'][index]]} "
+                f"{mark} {class_names[evaluation['predicted'][index]]} "
                 f"{evaluation['confidence'][index]:.0%}",
                 (0.5, 0),
                 xycoords="axes fraction",
@@ -763,13 +799,14 @@ def confused_pairs_rows(runs, pairs, evaluations):
     rows = []
     for run in runs:
         confusion = evaluations[run["script"]]["confusion"]
+        class_names = evaluations[run["script"]]["class_names"]
         for rank, (true, predicted, count) in enumerate(pairs[run["script"]], 1):
             rows.append(
                 [
                     run["script"],
                     rank,
-                    data.CLASS_NAMES[true],
-                    data.CLASS_NAMES[predicted],
+                    class_names[true],
+                    class_names[predicted],
                     count,
                     round(count / confusion[true].sum(), 4),
                 ]
@@ -798,7 +835,7 @@ def report_markdown(
     fraction = config["CONVERGED_FRACTION"]
     run_list = ", ".join(f"`{run['dir']}`" for run in runs)
     blocks = [
-        "# CIFAR-10: a CNN from scratch against MobileNetV2 transfer learning",
+        f"# {test['dataset']}: a CNN from scratch against MobileNetV2 transfer learning",
         (
             f"Made by `{command}` on {datetime.now():%Y-%m-%d %H:%M} from {run_list}. "
             f"Test set: {len(test['labels']):,} images"
@@ -819,9 +856,9 @@ def report_markdown(
             "scripts with a small `--train_images` (e.g. 5000) and evaluate again."
         ),
         (
-            "For reference, the original report: from scratch about 72% test accuracy, "
-            "training and validation loss 0.67 and 0.79; MobileNetV2 over 95%, "
-            "0.20 and 0.25."
+            "For reference, the original report on CIFAR-10: from scratch about 72% "
+            "test accuracy, training and validation loss 0.67 and 0.79; MobileNetV2 "
+            "over 95%, 0.20 and 0.25."
         ),
         (
             f"Inference: `model.predict` over the test set in batches of "
@@ -898,13 +935,24 @@ def evaluate_runs(runs, config):
     probabilities. Returns (test set, {script: evaluation}, [comparison rows])."""
     cache, evaluations, measures, test = {}, {}, [], None
     for run in runs:
-        images, labels, source, available = load_test_set(run, config["DATA_DIR"], cache)
-        if test is not None and not np.array_equal(labels, test["labels"]):
+        images, labels, source, available, class_names, dataset = load_test_set(
+            run, config["DATA_DIR"], cache
+        )
+        if test is not None and (
+            not np.array_equal(labels, test["labels"])
+            or class_names != test["class_names"]
+        ):
             raise training.ConfigError(
                 "the runs were trained on different data, so their test sets differ; "
                 "pass --data_dir= to evaluate both on one"
             )
-        test = {"images": images, "labels": labels, "source": source}
+        test = {
+            "images": images,
+            "labels": labels,
+            "source": source,
+            "class_names": class_names,
+            "dataset": dataset,
+        }
         print(f"{run['script']}: predicting {len(labels):,} test images, {run['dir']}")
         model = load_model(run)
         probabilities, seconds_per_image = predict(
@@ -914,7 +962,7 @@ def evaluate_runs(runs, config):
         del model
         keras.backend.clear_session()  # free the model before loading the next
         evaluation = evaluate_predictions(
-            probabilities, labels, config["CALIBRATION_BINS"]
+            probabilities, labels, config["CALIBRATION_BINS"], class_names
         )
         row = measure(
             run,
@@ -964,7 +1012,14 @@ def write_figures(runs, evaluations, pairs, test, config, plots_dir):
             config["MISCLASSIFIED_IMAGES"],
         )
     save("per_class_accuracy", plot_per_class_accuracy, runs, evaluations)
-    save("confused_pairs", plot_confused_pairs, runs, pairs, config["TOP_CONFUSED_PAIRS"])
+    save(
+        "confused_pairs",
+        plot_confused_pairs,
+        runs,
+        pairs,
+        config["TOP_CONFUSED_PAIRS"],
+        test["class_names"],
+    )
     save(
         "test_predictions",
         plot_test_predictions,
@@ -995,9 +1050,10 @@ def write_tables(runs, evaluations, measures, pairs, reports, config, plots_dir)
     for run in runs:
         script = run["script"]
         confusion = evaluations[script]["confusion"].tolist()
+        class_names = evaluations[script]["class_names"]
         tables[f"confusion_{script}.csv"] = csv_text(
-            ["true \\ predicted", *data.CLASS_NAMES],
-            [[name, *counts] for name, counts in zip(data.CLASS_NAMES, confusion)],
+            ["true \\ predicted", *class_names],
+            [[name, *counts] for name, counts in zip(class_names, confusion)],
         )
         tables[f"classification_report_{script}.txt"] = reports[script]
     return {
@@ -1034,8 +1090,8 @@ def main(argv):
         script: classification_report(
             test["labels"],
             evaluation["predicted"],
-            labels=range(data.NUM_CLASSES),
-            target_names=data.CLASS_NAMES,
+            labels=range(len(evaluation["class_names"])),
+            target_names=evaluation["class_names"],
             digits=4,
             zero_division=0,
         )

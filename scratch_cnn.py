@@ -18,9 +18,10 @@ import training
 # ---------------------------------------------------------------------------------
 # Config (python scratch_cnn.py --name=value overrides any of these)
 
-DATA_DIR = ""  # CIFAR-10 folder or .tar.gz; "" = $CIFAR10_DIR, Keras cache, download
+DATA_DIR = ""  # CIFAR-10 folder or .tar.gz, or class folders (README); "" = find CIFAR-10
 TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
 VAL_FRACTION = 0.1  # share of the training images held out for validation
+TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out to test
 IMG_SIZE = 32  # pixels: the side images are resized to; 32 = native
 BATCH_SIZE = 128  # images per step
 AUGMENT_FLIP = True  # random horizontal flips
@@ -136,6 +137,7 @@ def main(argv):
             config["WIDTH"],
             config["DROPOUT"],
             config["BATCHNORM_MOMENTUM"],
+            num_classes=len(pipelines.class_names),
         )
         training.compile_model(
             model,
@@ -159,7 +161,12 @@ def main(argv):
     if run_dir is None:
         run_dir = training.new_run_dir(config["OUT_DIR"], SCRIPT)
         training.save_run_config(
-            run_dir, SCRIPT, config, pipelines.source, value_range=VALUE_RANGE
+            run_dir,
+            SCRIPT,
+            config,
+            pipelines.source,
+            value_range=VALUE_RANGE,
+            class_names=list(pipelines.class_names),
         )
     print(f"run folder: {run_dir}")
     training.fit(

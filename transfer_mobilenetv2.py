@@ -28,9 +28,10 @@ import training
 # ---------------------------------------------------------------------------------
 # Config (python transfer_mobilenetv2.py --name=value overrides any of these)
 
-DATA_DIR = ""  # CIFAR-10 folder or .tar.gz; "" = $CIFAR10_DIR, Keras cache, download
+DATA_DIR = ""  # CIFAR-10 folder or .tar.gz, or class folders (README); "" = find CIFAR-10
 TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
 VAL_FRACTION = 0.1  # share of the training images held out for validation
+TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out to test
 IMG_SIZE = 96  # pixels: the side images are resized to; ImageNet weights: 96-224 by 32
 BATCH_SIZE = 64  # images per step; 128 runs no faster on CPU and peaks at 2.3 GB, not 1.7
 AUGMENT_FLIP = True  # random horizontal flips
@@ -238,7 +239,12 @@ def main(argv):
     # Model. Pretrained: a head on the frozen base, then fine-tuning. Random: one
     # phase in which everything learns; the head-first phase protects nothing there.
     with strategy.scope():
-        model, base = build_model(config["IMG_SIZE"], weights, config["DROPOUT"])
+        model, base = build_model(
+            config["IMG_SIZE"],
+            weights,
+            config["DROPOUT"],
+            num_classes=len(pipelines.class_names),
+        )
         training.require(
             config["FREEZE_FIRST"] <= len(base.layers),
             f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
@@ -274,6 +280,7 @@ def main(argv):
             config,
             pipelines.source,
             value_range=VALUE_RANGE,
+            class_names=list(pipelines.class_names),
             weights_file=weights,
             training_plan=plan,
         )
