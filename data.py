@@ -8,6 +8,10 @@ Writes plots/samples.png (random originals, the report's first figure) and
 plots/augmented.png (the same images augmented and resized to 96 px).
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import io
 import os
 import pickle
@@ -507,8 +511,22 @@ def save_figures(images, labels, augmenter, plots_dir, figure_size):
     return paths
 
 
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
+    settings.require(
+        config["TRAIN_IMAGES"] >= 0,
+        f"--train_images must be 0 (all) or positive, got {config['TRAIN_IMAGES']}",
+    )
+    settings.require(config["FIGURE_IMAGES"] > 0, "--figure_images must be positive")
+
+
 def main(argv):
     config = training.configure(CONFIG, argv)
+    check_config(config)
     train_images, train_labels, _, test_labels, source = load_cifar10(config["DATA_DIR"])
     x_train, y_train, _, y_val = split(
         train_images,

@@ -9,6 +9,10 @@ not yet measured on real CIFAR-10. Speed: 635 images/s end to end at 32 px, 1.19
 peak memory on 50,000 images (`python bench.py`, 2-core AMD EPYC CPU, no GPU).
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import keras
 
 import data
@@ -49,6 +53,19 @@ CONFIG = training.config_block(globals())  # the settings above: defaults for ov
 
 SCRIPT = "scratch_cnn"
 VALUE_RANGE = (0.0, 1.0)  # inputs the network is trained on: pixels / 255
+
+
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.require(
+        config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
+    )
+    settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
+    settings.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    settings.require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -110,10 +127,7 @@ def make_optimizer(
 
 def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
-    training.require(
-        config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
-    )
-    training.require(config["EPOCHS"] > 0, "--epochs must be positive")
+    check_config(config)
     training.seed_everything(config["SEED"])
     training.set_precision(config["MIXED_PRECISION"])
 

@@ -5,12 +5,13 @@ log and resume a run.
 Nothing here holds a hyperparameter: each script's config block does.
 """
 
-import ast
 import csv
 import json
+import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,17 +20,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-EXIT_CONFIG = 2  # bad command line or configuration
-EXIT_DATA = 3  # data or weights missing, unreadable or invalid
+import settings
+
+# The command line lives in settings.py (no TensorFlow there, so it answers first);
+# these names stay here too, for the scripts and tests that use them as training.*.
+from settings import (  # noqa: F401
+    EXIT_CONFIG,
+    EXIT_DATA,
+    ConfigError,
+    DataError,
+    article,
+    config_block,
+    parse_overrides,
+    require,
+)
+
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
-
-
-class ConfigError(Exception):
-    """A setting that cannot work: exit 2 with this message."""
-
-
-class DataError(Exception):
-    """Data or weights missing, unreadable or invalid: exit 3 with this message."""
 
 
 class Interrupted(Exception):
@@ -38,58 +44,6 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------------------------
 # Configuration: the UPPER_CASE block at the top of a script, overridden per run
-
-
-def config_block(module_globals):
-    """The scalar UPPER_CASE globals defined so far: called right after a script's
-    config block, it captures that block as the defaults for overrides."""
-    return {
-        name: value
-        for name, value in module_globals.items()
-        if name.isupper() and type(value) in (bool, int, float, str)
-    }
-
-
-def parse_overrides(defaults, argv):
-    """Apply `--name=value` arguments to `defaults` (a config block) and return the
-    effective configuration. Values are Python literals checked against the type of
-    the default; strings may be given bare (`--data_dir=/data/cifar`)."""
-    config = dict(defaults)
-    valid = ", ".join(f"--{name.lower()}" for name in defaults)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(
-                f"expected --name=value, got {arg!r} (valid names: {valid})"
-            )
-        flag, text = arg[2:].split("=", 1)
-        name = flag.replace("-", "_").upper()
-        if name not in defaults:
-            raise ConfigError(f"unknown setting --{flag} (valid names: {valid})")
-        config[name] = _parse_value(flag, text, defaults[name])
-    return config
-
-
-def _parse_value(flag, text, default):
-    expected = type(default)
-    try:
-        value = ast.literal_eval(text)
-    except Exception:  # not a literal (or one too deep to parse): keep the text
-        value = text
-    if expected is str:
-        return value if isinstance(value, str) else text
-    if expected is bool and isinstance(text, str) and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise ConfigError(
-            f"--{flag} takes {article(expected.__name__)} (default {default!r}), got {text!r}"
-        )
-    return value
-
-
-def article(noun):
-    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def configure(defaults, argv, verbose=True):
@@ -108,12 +62,6 @@ def print_config(config, defaults=None):
         print(f"  {name.lower():<{width}} = {value!r}{'  (set)' if changed else ''}")
 
 
-def require(condition, message):
-    """Stop with exit code 2 unless `condition` holds."""
-    if not condition:
-        raise ConfigError(message)
-
-
 def cli(main):
     """Run `main(argv)` as a command: expected failures become one plain line on
     stderr and the documented exit code, never a traceback."""
@@ -121,11 +69,9 @@ def cli(main):
     try:
         main(sys.argv[1:])
     except ConfigError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        settings.fail(error, EXIT_CONFIG)
     except DataError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_DATA)
+        settings.fail(error, EXIT_DATA)
     except (Interrupted, KeyboardInterrupt) as error:
         print(f"{program}: {error or 'interrupted'}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -17,6 +17,10 @@ report's resize-everything way: 18.4 GB), from `python bench.py` on a 2-core AMD
 CPU without a GPU.
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import warnings
 from pathlib import Path
 
@@ -70,6 +74,34 @@ IMAGENET_URL = (
 )
 
 
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.require(
+        config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
+        "--head_epochs and --fine_tune_epochs must be 0 or more",
+    )
+    settings.require(
+        config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
+        "--head_epochs and --fine_tune_epochs are both 0: nothing to train",
+    )
+    settings.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
+    settings.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
+    settings.require(
+        config["CALIBRATION_IMAGES"] > 0, "--calibration_images must be positive"
+    )
+    settings.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    settings.require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
+    # Keras would warn and quietly load the 224 px weights for any other size.
+    settings.require(
+        config["WEIGHTS"] != "imagenet" or config["IMG_SIZE"] in IMAGENET_SIZES,
+        f"--img_size={config['IMG_SIZE']}: ImageNet weights exist only for "
+        f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
+    )
+
+
 # ---------------------------------------------------------------------------------
 # Model: weights (ImageNet through the Keras cache, a file, or none), network, phases
 
@@ -81,8 +113,8 @@ def imagenet_weights_name(image_size):
 
 def resolve_weights(weights, image_size):
     """The `weights` argument for MobileNetV2: None for "none", else the path of a
-    weights file. "imagenet" is fetched once into the Keras cache; every check is
-    made before that download, so a bad setting costs no time."""
+    weights file. "imagenet" is fetched once into the Keras cache, for a size
+    check_config admits; a bad setting stops before that download."""
     choices = "--weights=imagenet|PATH|none"
     if weights == "none":
         return None
@@ -94,12 +126,7 @@ def resolve_weights(weights, image_size):
                 f"weights file (.h5 or .weights.h5). Choices: {choices}"
             )
         return str(path)
-    # Keras would warn and quietly load the 224 px weights for any other size.
-    training.require(
-        image_size in IMAGENET_SIZES,
-        f"--img_size={image_size}: ImageNet weights exist only for "
-        f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
-    )
+    # check_config has refused any size without ImageNet weights.
     name = imagenet_weights_name(image_size)
     models_dir = data.keras_home() / "models"
     try:
@@ -227,19 +254,7 @@ def count_trainable(model):
 
 def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
-    training.require(
-        config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
-        "--head_epochs and --fine_tune_epochs must be 0 or more",
-    )
-    training.require(
-        config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
-        "--head_epochs and --fine_tune_epochs are both 0: nothing to train",
-    )
-    training.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
-    training.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
-    training.require(
-        config["CALIBRATION_IMAGES"] > 0, "--calibration_images must be positive"
-    )
+    check_config(config)
     weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
     training.set_precision(config["MIXED_PRECISION"])
