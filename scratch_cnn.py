@@ -128,6 +128,7 @@ def make_optimizer(
 def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
     check_config(config)
+    strategy = training.distribution_strategy()  # before any tensor exists
     training.seed_everything(config["SEED"])
     training.set_precision(config["MIXED_PRECISION"])
 
@@ -136,7 +137,6 @@ def main(argv):
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
-    strategy = training.distribution_strategy()
     with strategy.scope():
         model = build_model(
             config["IMG_SIZE"],

@@ -5,6 +5,7 @@ log and resume a run.
 Nothing here holds a hyperparameter: each script's config block does.
 """
 
+import atexit
 import csv
 import json
 import os
@@ -82,7 +83,11 @@ def cli(main):
 
 
 def new_run_dir(out_dir, script):
-    """Create and return a fresh run folder; an existing one is never reused."""
+    """Create and return a fresh run folder; an existing one is never reused. In a
+    multi-worker run only the chief writes the run folder; every other worker gets
+    a throwaway one, removed when it exits."""
+    if not cluster_task()[1]:
+        return worker_dir(script)
     parent = Path(out_dir) / script
     parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -94,6 +99,17 @@ def new_run_dir(out_dir, script):
         except FileExistsError:
             continue
     raise ConfigError(f"cannot create a new run folder in {parent}")
+
+
+def worker_dir(script, copy_of=None):
+    """A temporary folder for a worker that is not the chief (a copy of the run
+    folder `copy_of`, when resuming), removed when the process exits. Keras's
+    callbacks write on every worker; this keeps their files off the chief's."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{script}-worker-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if copy_of is not None:
+        shutil.copytree(copy_of, folder, dirs_exist_ok=True)
+    return folder
 
 
 def list_runs(out_dir, script, finished):
@@ -159,7 +175,10 @@ def configure_run(defaults, argv, script):
         return config, None
     run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
     print(f"resuming {run_dir}")
-    return resumed_config(run_dir, config, defaults), run_dir
+    config = resumed_config(run_dir, config, defaults)
+    if not cluster_task()[1]:  # a worker goes on from a copy; the chief writes
+        run_dir = worker_dir(script, copy_of=run_dir)
+    return config, run_dir
 
 
 def write_text(path, text):
@@ -225,8 +244,49 @@ def seed_everything(seed):
     keras.utils.set_random_seed(seed)
 
 
+def cluster_task():
+    """(workers, chief) from TF_CONFIG: how many chief and worker tasks its cluster
+    names (0 without TF_CONFIG), and whether this process is the chief: the "chief"
+    task, else worker 0, as TensorFlow decides it."""
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+        workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    except (ValueError, AttributeError, TypeError) as error:
+        raise ConfigError(
+            f"TF_CONFIG must be JSON like {{\"cluster\": {{\"worker\": [\"host:port\", "
+            f"...]}}, \"task\": {{\"type\": \"worker\", \"index\": 0}}}} ({error})"
+        ) from None
+    chief = task.get("type") == "chief" or (
+        task.get("type") == "worker" and task.get("index") == 0 and "chief" not in cluster
+    )
+    return workers, chief or workers <= 1
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy as Keras 3's fit calls it (keras-team/keras#20585):
+    fit reduces its first (images, labels) batch in one call, which this strategy
+    cannot do for a nest, and each step's metrics, one scalar per replica, "over axis
+    0", which a scalar has not. Here a nest is reduced one tensor at a time, and
+    scalars over the replicas, as MirroredStrategy does it for fit."""
+
+    def reduce(self, reduce_op, value, axis):
+        def reduce_one(one):
+            scalar = self.experimental_local_results(one)[0].shape.rank == 0
+            return super(MultiWorkerStrategy, self).reduce(
+                reduce_op, one, None if scalar else axis
+            )
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
 def distribution_strategy():
-    """MirroredStrategy over all GPUs when there are several, else the default."""
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
+    MirroredStrategy over all GPUs when there are several, else the default. Call it
+    first thing: a multi-worker strategy must exist before any tensor does."""
+    workers, _ = cluster_task()
+    if workers > 1:
+        return MultiWorkerStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])

@@ -255,6 +255,7 @@ def count_trainable(model):
 def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
     check_config(config)
+    strategy = training.distribution_strategy()  # before any tensor exists
     weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
     training.set_precision(config["MIXED_PRECISION"])
@@ -264,7 +265,6 @@ def main(argv):
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
-    strategy = training.distribution_strategy()
     with strategy.scope():
         model, base = build_model(config["IMG_SIZE"], weights, config["DROPOUT"])
         training.require(
