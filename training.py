@@ -263,6 +263,29 @@ def cluster_task():
     return workers, chief or workers <= 1
 
 
+HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
+
+
+def allow_slow_heartbeats():
+    """Set up the coordination service as MultiWorkerMirroredStrategy would, with a
+    longer heartbeat timeout: with TensorFlow's 10 s, a worker slowed by other work
+    on its machine (or a long first step) is taken for dead and the run aborts."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    jobs = [job for job in ("chief", "worker") if cluster.get(job)]
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_MS,
+        coordinated_jobs=[
+            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
+            for job in jobs
+        ],
+    )
+
+
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """MultiWorkerMirroredStrategy as Keras 3's fit calls it (keras-team/keras#20585):
     fit reduces its first (images, labels) batch in one call, which this strategy
@@ -286,6 +309,7 @@ def distribution_strategy():
     first thing: a multi-worker strategy must exist before any tensor does."""
     workers, _ = cluster_task()
     if workers > 1:
+        allow_slow_heartbeats()
         return MultiWorkerStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
