@@ -1,6 +1,7 @@
-"""Plumbing the scripts share: --name=value overrides, errors and exit codes, run
-folders, seeding, distribution, and the Keras callbacks that train, checkpoint,
-log and resume a run.
+"""Plumbing the scripts share: the effective configuration and exit codes (the
+command line itself is settings.py's), run folders, seeding, distribution (several
+GPUs or several workers), and the Keras callbacks that train, checkpoint, log and
+resume a run.
 
 Nothing here holds a hyperparameter: each script's config block does.
 """
@@ -254,8 +255,8 @@ def cluster_task():
         workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
     except (ValueError, AttributeError, TypeError) as error:
         raise ConfigError(
-            f"TF_CONFIG must be JSON like {{\"cluster\": {{\"worker\": [\"host:port\", "
-            f"...]}}, \"task\": {{\"type\": \"worker\", \"index\": 0}}}} ({error})"
+            f"TF_CONFIG must be JSON with a cluster and a task, as the README's "
+            f"'Training on several machines' shows ({error})"
         ) from None
     chief = task.get("type") == "chief" or (
         task.get("type") == "worker" and task.get("index") == 0 and "chief" not in cluster
@@ -293,9 +294,10 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     0", which a scalar has not. Here a nest is reduced one tensor at a time, and
     scalars over the replicas, as MirroredStrategy does it for fit."""
 
-    def reduce(self, reduce_op, value, axis):
+    def reduce(self, reduce_op, value, axis=None):
         def reduce_one(one):
-            scalar = self.experimental_local_results(one)[0].shape.rank == 0
+            local = self.experimental_local_results(one)[0]
+            scalar = getattr(local, "shape", None) is not None and local.shape.rank == 0
             return super(MultiWorkerStrategy, self).reduce(
                 reduce_op, one, None if scalar else axis
             )

@@ -3,6 +3,7 @@ line stopped in one line before TensorFlow loads, TensorFlow's start-up notices
 filtered (and shown with --verbose=2), and training on two workers under
 MultiWorkerMirroredStrategy."""
 
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import data
 import evaluate
 import scratch_cnn
 import settings
+import training
 import transfer_mobilenetv2
 
 SCRIPTS = {
@@ -36,9 +38,9 @@ SCRIPTS = {
 TRACE_IMPORTS = textwrap.dedent(
     """
     import atexit, runpy, sys
-    atexit.register(
-        lambda: print("tensorflow imported:", "tensorflow" in sys.modules, file=sys.stderr)
-    )
+    def report():
+        print("tensorflow imported:", "tensorflow" in sys.modules, file=sys.stderr)
+    atexit.register(report)
     sys.argv = sys.argv[1:]
     sys.path.insert(0, sys.argv[0].rpartition("/")[0])
     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -185,7 +187,8 @@ BAD_COMMAND_LINES = [
 def bad_runs():
     with ThreadPoolExecutor(4) as pool:
         futures = [
-            pool.submit(run_traced, script, *argv) for script, argv, _ in BAD_COMMAND_LINES
+            pool.submit(run_traced, script, *argv)
+            for script, argv, _ in BAD_COMMAND_LINES
         ]
         return [future.result() for future in futures]
 
@@ -242,8 +245,6 @@ def test_forward_messages_drops_notices_and_keeps_warnings_and_errors():
 
 
 def _forwarded(lines):
-    import io
-
     sink = io.BytesIO()
     settings.forward_messages(iter(lines), sink)
     return sink.getvalue().splitlines(keepends=True)
@@ -386,6 +387,4 @@ def test_two_workers_train_like_one(cifar_dir, tmp_path, scratch_run):
 
 
 def _last_loss(run_dir):
-    import training
-
     return training.read_history(run_dir)[-1]["loss"]
