@@ -372,18 +372,19 @@ def test_two_workers_train_like_one(cifar_dir, tmp_path, scratch_run):
     assert worker_folder != run_dir and not worker_folder.exists()
     assert f"run folder: {run_dir}" in outputs[0][0]
 
-    # The same training as one worker's, within the noise of a tiny run.
+    # The same training as one worker's, within the noise of a 4-epoch run on 270
+    # images (measured on a busy 2-core machine: last-epoch training loss 0.666
+    # against 0.577, test accuracy 0.80 against 0.99 on 100 images). Each worker's
+    # BatchNorm sees half of each batch, and keeps its own moving statistics.
     multi = json.loads((run_dir / "metrics.json").read_text())
     single = json.loads((scratch_run / "metrics.json").read_text())
     assert multi["epochs"] == single["epochs"] == 4
     assert multi["params"] == single["params"]
     multi_loss = _last_loss(run_dir)
     single_loss = _last_loss(scratch_run)
-    assert abs(multi_loss - single_loss) <= 0.25 * single_loss, (multi_loss, single_loss)
-    assert abs(multi["test_accuracy"] - single["test_accuracy"]) <= 0.25, (
-        multi,
-        single,
-    )
+    assert abs(multi_loss - single_loss) <= 0.3 * single_loss, (multi_loss, single_loss)
+    assert multi["test_accuracy"] >= 0.6, (multi, single)  # chance: 0.1
+    assert abs(multi["test_accuracy"] - single["test_accuracy"]) <= 0.3, (multi, single)
 
 
 def _last_loss(run_dir):
