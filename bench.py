@@ -27,6 +27,10 @@ measurement, its peaks still each process's own.
 Result: README, Performance, has the table of a full run and the machine it ran on.
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import json
 import os
 import platform
@@ -712,39 +716,44 @@ def format_table(rows):
 # Main
 
 
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    quick = "QUICK_" if config["QUICK"] else ""
+    settings.require(
+        config[quick + "STEPS"] > 0, "--steps and --quick_steps must be positive"
+    )
+    settings.require(config["ROUNDS"] > 0, "--rounds must be positive")
+    settings.require(
+        config[quick + "WARMUP_STEPS"] > 0,
+        "--warmup_steps and --quick_warmup_steps must be 1 or more: the first step traces",
+    )
+    settings.require(
+        config[quick + "PIPELINE_BATCHES"] > 0,
+        "--pipeline_batches and --quick_pipeline_batches must be positive",
+    )
+    settings.require(
+        config["MEMORY_LIMIT_GB"] >= 0, "--memory_limit_gb must be 0 or more"
+    )
+    settings.require(
+        config["QUICK_CASES_AT_ONCE"] > 0, "--quick_cases_at_once must be positive"
+    )
+
+
 def main(argv):
     command = " ".join(["python bench.py", *argv])
-    # The issue spells the smoke check `--quick`; overrides otherwise take a value.
-    argv = ["--quick=True" if arg == "--quick" else arg for arg in argv]
-    config = training.configure(
-        CONFIG, argv, verbose=not any(arg.startswith("--case=") for arg in argv)
-    )
+    config = training.configure(CONFIG, argv, verbose=False)
     if config["CASE"]:
         run_case(config["CASE"], config)
         return None
+    training.print_config(config, CONFIG)
+    check_config(config)
     run = sizes(config)
-    training.require(run["steps"] > 0, "--steps and --quick_steps must be positive")
-    training.require(run["rounds"] > 0, "--rounds must be positive")
-    training.require(
-        run["warmup_steps"] > 0,
-        "--warmup_steps and --quick_warmup_steps must be 1 or more: the first step traces",
-    )
-    training.require(
-        run["pipeline_batches"] > 0,
-        "--pipeline_batches and --quick_pipeline_batches must be positive",
-    )
     largest_batch = max(run["batch_size"].values())
     training.require(
         min(run["batch_size"].values()) > 0
         and run["images"] >= largest_batch * total_steps(run),
         f"{run['images']} images are too few for {total_steps(run)} steps of "
         f"{largest_batch}: the naive way trains at most one pass over its arrays",
-    )
-    training.require(
-        config["MEMORY_LIMIT_GB"] >= 0, "--memory_limit_gb must be 0 or more"
-    )
-    training.require(
-        config["QUICK_CASES_AT_ONCE"] > 0, "--quick_cases_at_once must be positive"
     )
     started = time.perf_counter()
     machine = machine_info()

@@ -10,6 +10,10 @@ Writes plots/samples.png (random originals, the report's first figure) and
 plots/augmented.png (the same images augmented and resized to 96 px).
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import contextlib
 import io
 import os
@@ -814,8 +818,22 @@ def save_figures(images, labels, augmenter, plots_dir, figure_size, class_names,
     return paths
 
 
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
+    settings.require(
+        config["TRAIN_IMAGES"] >= 0,
+        f"--train_images must be 0 (all) or positive, got {config['TRAIN_IMAGES']}",
+    )
+    settings.require(config["FIGURE_IMAGES"] > 0, "--figure_images must be positive")
+
+
 def main(argv):
     config = training.configure(CONFIG, argv)
+    check_config(config)
     # Class folders are decoded at the augmented figure's size: every image is
     # checked here as training would check it.
     x_train, y_train, _, y_val, _, test_labels, class_names, source = load_data(

@@ -14,6 +14,10 @@ once per model and those probabilities feed every figure and table. Inference ti
 are measured on the machine that runs this script.
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import csv
 import io
 import json
@@ -71,6 +75,15 @@ HEATMAP_COLOURS = {"scratch_cnn": "Blues", "transfer_mobilenetv2": "Oranges"}
 MAX_ANNOTATED_CLASSES = 20  # confusion matrices of more classes leave cells unlabelled
 CAPTION_POINTS = 11  # height of a caption line under an image, in points
 PHASE_NAMES = {"train": "training", "head": "head training", "fine_tune": "fine-tuning"}
+
+
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    for name in ("BATCH_SIZE", "CALIBRATION_BINS", "TOP_CONFUSED_PAIRS", "DPI"):
+        settings.require(config[name] > 0, f"--{name.lower()} must be positive")
+    settings.require(
+        0 < config["CONVERGED_FRACTION"] <= 1, "--converged_fraction must lie in (0, 1]"
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -1064,11 +1077,7 @@ def write_tables(runs, evaluations, measures, pairs, reports, config, plots_dir)
 
 def main(argv):
     config = training.configure(CONFIG, argv)
-    for name in ("BATCH_SIZE", "CALIBRATION_BINS", "TOP_CONFUSED_PAIRS", "DPI"):
-        training.require(config[name] > 0, f"--{name.lower()} must be positive")
-    training.require(
-        0 < config["CONVERGED_FRACTION"] <= 1, "--converged_fraction must lie in (0, 1]"
-    )
+    check_config(config)
     run_dirs, hints = find_runs(
         config["OUT_DIR"], {script: config[RUN_SETTING[script]] for script in SCRIPTS}
     )

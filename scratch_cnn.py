@@ -10,6 +10,10 @@ AMD EPYC CPU (121 images/s; `python scratch_cnn.py --data_dir=...`, seed 0). One
 see the README's Results for the data-efficiency study over seeds.
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import keras
 
 import data
@@ -48,11 +52,24 @@ JIT_COMPILE = False  # XLA-compile the train step: try it on GPUs
 SEED = 0  # seeds the split, shuffling, augmentation and initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/scratch_cnn/<timestamp>/
 RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
-VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = one line per epoch
+VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = a line per epoch and all TF notices
 CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPT = "scratch_cnn"
 VALUE_RANGE = (0.0, 1.0)  # inputs the network is trained on: pixels / 255
+
+
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.require(
+        config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
+    )
+    settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
+    settings.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    settings.require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -116,12 +133,9 @@ def make_optimizer(
 
 def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
-    training.require(
-        config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
-    )
-    training.require(config["EPOCHS"] > 0, "--epochs must be positive")
+    check_config(config)
+    strategy = training.distribution_strategy()  # before any tensor exists
     training.seed_everything(config["SEED"])
-    strategy = training.distribution_strategy()
     replicas = strategy.num_replicas_in_sync
     training.set_precision(config["MIXED_PRECISION"], replicas)
     config["BATCH_SIZE"] = training.global_batch_size(config["BATCH_SIZE"], replicas)

@@ -1,17 +1,20 @@
-"""Plumbing the scripts share: --name=value overrides, errors and exit codes, run
-folders, seeding, distribution, and the Keras callbacks that train, checkpoint,
-log and resume a run.
+"""Plumbing the scripts share: the effective configuration and exit codes (the
+command line itself is settings.py's), run folders, seeding, distribution (several
+GPUs or several workers), and the Keras callbacks that train, checkpoint, log and
+resume a run.
 
 Nothing here holds a hyperparameter: each script's config block does.
 """
 
-import ast
+import atexit
 import csv
 import io
 import json
+import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import zipfile
 from datetime import datetime
@@ -22,17 +25,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-EXIT_CONFIG = 2  # bad command line or configuration
-EXIT_DATA = 3  # data or weights missing, unreadable or invalid
+import settings
+
+# The command line lives in settings.py (no TensorFlow there, so it answers first);
+# these names stay here too, for the scripts and tests that use them as training.*.
+from settings import (  # noqa: F401
+    EXIT_CONFIG,
+    EXIT_DATA,
+    ConfigError,
+    DataError,
+    article,
+    config_block,
+    parse_overrides,
+    require,
+)
+
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
-
-
-class ConfigError(Exception):
-    """A setting that cannot work: exit 2 with this message."""
-
-
-class DataError(Exception):
-    """Data or weights missing, unreadable or invalid: exit 3 with this message."""
 
 
 class Interrupted(Exception):
@@ -41,58 +49,6 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------------------------
 # Configuration: the UPPER_CASE block at the top of a script, overridden per run
-
-
-def config_block(module_globals):
-    """The scalar UPPER_CASE globals defined so far: called right after a script's
-    config block, it captures that block as the defaults for overrides."""
-    return {
-        name: value
-        for name, value in module_globals.items()
-        if name.isupper() and type(value) in (bool, int, float, str)
-    }
-
-
-def parse_overrides(defaults, argv):
-    """Apply `--name=value` arguments to `defaults` (a config block) and return the
-    effective configuration. Values are Python literals checked against the type of
-    the default; strings may be given bare (`--data_dir=/data/cifar`)."""
-    config = dict(defaults)
-    valid = ", ".join(f"--{name.lower()}" for name in defaults)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(
-                f"expected --name=value, got {arg!r} (valid names: {valid})"
-            )
-        flag, text = arg[2:].split("=", 1)
-        name = flag.replace("-", "_").upper()
-        if name not in defaults:
-            raise ConfigError(f"unknown setting --{flag} (valid names: {valid})")
-        config[name] = _parse_value(flag, text, defaults[name])
-    return config
-
-
-def _parse_value(flag, text, default):
-    expected = type(default)
-    try:
-        value = ast.literal_eval(text)
-    except Exception:  # not a literal (or one too deep to parse): keep the text
-        value = text
-    if expected is str:
-        return value if isinstance(value, str) else text
-    if expected is bool and isinstance(text, str) and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise ConfigError(
-            f"--{flag} takes {article(expected.__name__)} (default {default!r}), got {text!r}"
-        )
-    return value
-
-
-def article(noun):
-    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def configure(defaults, argv, verbose=True):
@@ -111,12 +67,6 @@ def print_config(config, defaults=None):
         print(f"  {name.lower():<{width}} = {value!r}{'  (set)' if changed else ''}")
 
 
-def require(condition, message):
-    """Stop with exit code 2 unless `condition` holds."""
-    if not condition:
-        raise ConfigError(message)
-
-
 def cli(main):
     """Run `main(argv)` as a command: expected failures become one plain line on
     stderr and the documented exit code, never a traceback."""
@@ -124,11 +74,9 @@ def cli(main):
     try:
         main(sys.argv[1:])
     except ConfigError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        settings.fail(error, EXIT_CONFIG)
     except DataError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_DATA)
+        settings.fail(error, EXIT_DATA)
     except (Interrupted, KeyboardInterrupt) as error:
         print(f"{program}: {error or 'interrupted'}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -139,7 +87,11 @@ def cli(main):
 
 
 def new_run_dir(out_dir, script):
-    """Create and return a fresh run folder; an existing one is never reused."""
+    """Create and return a fresh run folder; an existing one is never reused. In a
+    multi-worker run only the chief writes the run folder; every other worker gets
+    a throwaway one, removed when it exits."""
+    if not cluster_task()[1]:
+        return worker_dir(script)
     parent = Path(out_dir) / script
     parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -151,6 +103,17 @@ def new_run_dir(out_dir, script):
         except FileExistsError:
             continue
     raise ConfigError(f"cannot create a new run folder in {parent}")
+
+
+def worker_dir(script, copy_of=None):
+    """A temporary folder for a worker that is not the chief (a copy of the run
+    folder `copy_of`, when resuming), removed when the process exits. Keras's
+    callbacks write on every worker; this keeps their files off the chief's."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{script}-worker-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if copy_of is not None:
+        shutil.copytree(copy_of, folder, dirs_exist_ok=True)
+    return folder
 
 
 def list_runs(out_dir, script, finished):
@@ -280,7 +243,10 @@ def configure_run(defaults, argv, script):
         return config, None
     run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
     print(f"resuming {run_dir}")
-    return resumed_config(run_dir, config, defaults), run_dir
+    config = resumed_config(run_dir, config, defaults)
+    if not cluster_task()[1]:  # a worker goes on from a copy; the chief writes
+        run_dir = worker_dir(script, copy_of=run_dir)
+    return config, run_dir
 
 
 def write_text(path, text):
@@ -346,8 +312,74 @@ def seed_everything(seed):
     keras.utils.set_random_seed(seed)
 
 
+def cluster_task():
+    """(workers, chief) from TF_CONFIG: how many chief and worker tasks its cluster
+    names (0 without TF_CONFIG), and whether this process is the chief: the "chief"
+    task, else worker 0, as TensorFlow decides it."""
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+        workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    except (ValueError, AttributeError, TypeError) as error:
+        raise ConfigError(
+            f"TF_CONFIG must be JSON with a cluster and a task, as the README's "
+            f"'Training on several machines' shows ({error})"
+        ) from None
+    chief = task.get("type") == "chief" or (
+        task.get("type") == "worker" and task.get("index") == 0 and "chief" not in cluster
+    )
+    return workers, chief or workers <= 1
+
+
+HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
+
+
+def allow_slow_heartbeats():
+    """Set up the coordination service as MultiWorkerMirroredStrategy would, with a
+    longer heartbeat timeout: with TensorFlow's 10 s, a worker slowed by other work
+    on its machine (or a long first step) is taken for dead and the run aborts."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    jobs = [job for job in ("chief", "worker") if cluster.get(job)]
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_MS,
+        coordinated_jobs=[
+            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
+            for job in jobs
+        ],
+    )
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy as Keras 3's fit calls it (keras-team/keras#20585):
+    fit reduces its first (images, labels) batch in one call, which this strategy
+    cannot do for a nest, and each step's metrics, one scalar per replica, "over axis
+    0", which a scalar has not. Here a nest is reduced one tensor at a time, and
+    scalars over the replicas, as MirroredStrategy does it for fit."""
+
+    def reduce(self, reduce_op, value, axis=None):
+        def reduce_one(one):
+            local = self.experimental_local_results(one)[0]
+            scalar = getattr(local, "shape", None) is not None and local.shape.rank == 0
+            return super(MultiWorkerStrategy, self).reduce(
+                reduce_op, one, None if scalar else axis
+            )
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
 def distribution_strategy():
-    """MirroredStrategy over all GPUs when there are several, else the default."""
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
+    MirroredStrategy over all GPUs when there are several, else the default. Call it
+    first thing: a multi-worker strategy must exist before any tensor does."""
+    workers, _ = cluster_task()
+    if workers > 1:
+        allow_slow_heartbeats()
+        return MultiWorkerStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])

@@ -17,6 +17,10 @@ report's resize-everything way: 18.4 GB), from `python bench.py` on a 2-core AMD
 CPU without a GPU.
 """
 
+import settings
+
+settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
+
 import warnings
 from pathlib import Path
 
@@ -58,7 +62,7 @@ JIT_COMPILE = False  # XLA-compile the train step: try it on GPUs
 SEED = 0  # seeds the split, shuffling, augmentation and the initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/transfer_mobilenetv2/<timestamp>/
 RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
-VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = one line per epoch
+VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = a line per epoch and all TF notices
 CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPT = "transfer_mobilenetv2"
@@ -69,6 +73,36 @@ IMAGENET_SIZES = (96, 128, 160, 192, 224)  # pixels: the sizes Keras has weights
 IMAGENET_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 )
+
+
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.require(
+        config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
+        "--head_epochs and --fine_tune_epochs must be 0 or more",
+    )
+    # A random start has one phase, FINE_TUNE_EPOCHS long: nothing to protect.
+    random_start = config["WEIGHTS"] == "none"
+    settings.require(
+        config["FINE_TUNE_EPOCHS"] > 0
+        if random_start
+        else config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
+        "nothing to train: --fine_tune_epochs is 0"
+        + ("" if random_start else " and so is --head_epochs"),
+    )
+    settings.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
+    settings.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
+    settings.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    settings.require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
+    # Keras would warn and quietly load the 224 px weights for any other size.
+    settings.require(
+        config["WEIGHTS"] != "imagenet" or config["IMG_SIZE"] in IMAGENET_SIZES,
+        f"--img_size={config['IMG_SIZE']}: ImageNet weights exist only for "
+        f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -82,8 +116,8 @@ def imagenet_weights_name(image_size):
 
 def resolve_weights(weights, image_size):
     """The `weights` argument for MobileNetV2: None for "none", else the path of a
-    weights file. "imagenet" is fetched once into the Keras cache; every check is
-    made before that download, so a bad setting costs no time."""
+    weights file. "imagenet" is fetched once into the Keras cache, for a size
+    check_config admits; a bad setting stops before that download."""
     choices = "--weights=imagenet|PATH|none"
     if weights == "none":
         return None
@@ -95,12 +129,7 @@ def resolve_weights(weights, image_size):
                 f"weights file (.h5 or .weights.h5). Choices: {choices}"
             )
         return str(path)
-    # Keras would warn and quietly load the 224 px weights for any other size.
-    training.require(
-        image_size in IMAGENET_SIZES,
-        f"--img_size={image_size}: ImageNet weights exist only for "
-        f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
-    )
+    # check_config has refused any size without ImageNet weights.
     name = imagenet_weights_name(image_size)
     models_dir = data.keras_home() / "models"
     try:
@@ -211,23 +240,11 @@ def count_trainable(model):
 
 def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
-    training.require(
-        config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
-        "--head_epochs and --fine_tune_epochs must be 0 or more",
-    )
-    training.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
-    training.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
+    check_config(config)
+    strategy = training.distribution_strategy()  # before any tensor exists
     random_start = config["WEIGHTS"] == "none"
-    training.require(
-        config["FINE_TUNE_EPOCHS"] > 0
-        if random_start
-        else config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
-        "nothing to train: --fine_tune_epochs is 0"
-        + ("" if random_start else " and so is --head_epochs"),
-    )
     weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
-    strategy = training.distribution_strategy()
     replicas = strategy.num_replicas_in_sync
     training.set_precision(config["MIXED_PRECISION"], replicas)
     config["BATCH_SIZE"] = training.global_batch_size(config["BATCH_SIZE"], replicas)

@@ -65,6 +65,31 @@ def test_override_sets_the_upper_case_name_and_leaves_the_rest():
     assert parse() == DEFAULTS
 
 
+def test_name_space_value_equals_name_equals_value():
+    spaced = parse("--epochs", "3", "--data_dir", "/d", "--learning_rate", "-2e-4")
+    assert spaced == parse("--epochs=3", "--data_dir=/d", "--learning_rate=-2e-4")
+    assert spaced["EPOCHS"] == 3 and spaced["LEARNING_RATE"] == -2e-4
+
+
+@pytest.mark.parametrize(
+    "argv, value",
+    [
+        (["--augment_flip"], True),
+        (["--augment_flip=False", "--augment_flip"], True),
+        (["--augment_flip", "false"], False),
+        (["--augment_flip", "True"], True),
+        (["--augment_flip", "--epochs=2"], True),
+    ],
+)
+def test_a_bare_flag_sets_a_boolean(argv, value):
+    assert parse(*argv)["AUGMENT_FLIP"] is value
+
+
+def test_a_bare_flag_takes_no_value_but_true_or_false():
+    with pytest.raises(training.ConfigError, match="got '1'"):
+        parse("--augment_flip", "1")  # "1" is not the flag's: a stray argument
+
+
 def test_later_overrides_win_and_dashes_mean_underscores():
     assert parse("--epochs=3", "--epochs=5")["EPOCHS"] == 5
     assert parse("--data-dir=/d")["DATA_DIR"] == "/d"
@@ -160,11 +185,19 @@ def test_wrong_type_is_a_config_error(arg, expected):
     assert repr(text) in str(error.value)
 
 
-@pytest.mark.parametrize("arg", ["epochs=3", "--epochs", "-epochs=3", "3", "--", ""])
+@pytest.mark.parametrize("arg", ["epochs=3", "-epochs=3", "3", "--", ""])
 def test_malformed_argument_is_a_config_error(arg):
     with pytest.raises(training.ConfigError) as error:
         parse(arg)
     assert "expected --name=value" in str(error.value) and repr(arg) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--epochs"], ["--epochs", "--learning_rate=1"], ["--data_dir"]]
+)
+def test_a_name_without_its_value_is_a_config_error(argv):
+    with pytest.raises(training.ConfigError, match=f"{argv[0]} needs a value"):
+        parse(*argv)
 
 
 def test_a_value_literal_eval_chokes_on_is_still_a_config_error():
