@@ -777,6 +777,20 @@ def machine_description():
     )
 
 
+def export_blocks(runs):
+    """The TensorFlow Lite table of each run that export.py has exported, from its
+    export/export.md (its own title line dropped); nothing when none has been."""
+    blocks = []
+    for run in runs:
+        path = run["dir"] / "export" / "export.md"
+        if path.is_file():
+            body = path.read_text().partition("\n")[2]
+            blocks += [f"### {model_label(run)}", body.strip()]
+    if not blocks:
+        return []
+    return ["## Deployment: TensorFlow Lite", *blocks]
+
+
 def report_markdown(
     runs, measures, evaluations, pairs, reports, hints, test, config, files, command
 ):
@@ -816,6 +830,7 @@ def report_markdown(
             f"after one warm-up batch, on this machine: {machine_description()}."
         ),
         "The table as [comparison.md](comparison.md) and [comparison.csv](comparison.csv).",
+        *export_blocks(runs),
         "## Learning curves",
         (
             "Solid lines: training; dashed: validation. A dotted vertical line marks "
