@@ -42,13 +42,13 @@ import training
 OUT_DIR = "runs"  # where the training scripts leave runs: OUT_DIR/<script>/<timestamp>/
 RUN = ""  # a finished run folder; "" = the newest finished run of each training script
 DATA_DIR = ""  # CIFAR-10 folder or .tar.gz; "" = the DATA_DIR the run was trained on
-CALIBRATION_IMAGES = 500  # training images that set int8 activation ranges (100-500 usual)
+CALIBRATION_IMAGES = 500  # training images that set the int8 activation ranges
 WARMUP_RUNS = 20  # single-image invocations before timing starts
 LATENCY_RUNS = 200  # timed single-image invocations per form and thread count: median
-FORMS = "float32,float16,dynamic_int8,int8"  # forms to make, comma-separated, any of these
+FORMS = "float32,float16,dynamic_int8,int8"  # the forms to make, comma-separated
 CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
 
-SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in table order
+SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in order
 FORM_DESCRIPTIONS = {
     # file stem: what it is, as export.md explains it
     "float32": "float32 weights and activations: the Keras model, converted",
@@ -239,7 +239,7 @@ def predict_test_set(model, lite_models, test_data):
 
 
 def median_milliseconds(call, image, warmup, runs):
-    """Median wall time of `call(image)` over `runs` calls after `warmup` calls, in ms."""
+    """Median wall time of `call(image)` in ms, over `runs` calls after `warmup`."""
     for _ in range(warmup):
         call(image)
     times = []
@@ -339,6 +339,7 @@ def table_markdown(rows):
 def export_markdown(run_dir, saved, rows, facts):
     """export.md: a title line, how it was measured, the table, what each form is."""
     config = saved["config"]
+    forms = [row["form"] for row in rows[1:]]
     notes = [
         f"# TensorFlow Lite export of `{run_dir}`",
         (
@@ -347,19 +348,25 @@ def export_markdown(run_dir, saved, rows, facts):
             f"{list(saved['value_range'])}). Test set: all {facts['test_images']:,} "
             f"images from `{facts['source']}`, preprocessed as the run was; agreement "
             "is the share of test images whose predicted class equals the Keras "
-            f"model's. The int8 model was calibrated on {facts['calibration_images']} "
-            "training images and is fed test images quantized with its own input "
-            "scale and zero point."
+            "model's."
+            + (
+                f" The int8 model was calibrated on {facts['calibration_images']} "
+                "training images and is fed test images quantized with its own input "
+                "scale and zero point."
+                if "int8" in forms
+                else ""
+            )
         ),
         (
             f"Latency: median of {facts['latency_runs']} single-image invocations after "
             f"{facts['warmup_runs']} warm-up ones, input already preprocessed, on "
-            f"{facts['machine']}. TensorFlow Lite through `tf.lite.Interpreter` (XNNPACK "
-            "for float models); Keras as a compiled `tf.function`. `model.keras` holds "
-            "the optimizer state too, so its size overstates the model."
+            f"{facts['machine']}. TensorFlow Lite through `tf.lite.Interpreter` and "
+            "its default CPU delegate; Keras as a compiled `tf.function`. "
+            "`model.keras` holds the optimizer state too, so its size overstates "
+            "the model."
         ),
         table_markdown(rows),
-        "\n".join(f"- `{row['form']}`: {FORM_DESCRIPTIONS[row['form']]}" for row in rows[1:]),
+        "\n".join(f"- `{form}`: {FORM_DESCRIPTIONS[form]}" for form in forms),
     ]
     if config.get("TTA_FLIP"):
         notes.append(
@@ -370,7 +377,7 @@ def export_markdown(run_dir, saved, rows, facts):
 
 
 def replace_folder(built, target):
-    """Put the finished folder `built` at `target`, the earlier one removed only after."""
+    """Put the finished folder `built` at `target`; an earlier one goes only after."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}-old-{os.getpid()}")

@@ -59,7 +59,8 @@ def test_every_form_is_written_and_measured(exported):
     assert list(rows) == ["keras", *FORMS]
     size = {form: float(row["megabytes"]) for form, row in rows.items()}
     for form in FORMS:
-        assert size[form] == pytest.approx((folder / f"{form}.tflite").stat().st_size / 1e6)
+        on_disk = (folder / f"{form}.tflite").stat().st_size / 1e6
+        assert size[form] == pytest.approx(on_disk)
     # float16 halves the float32 weights, int8 quarters them.
     assert size["float16"] < 0.7 * size["float32"]
     assert size["dynamic_int8"] < 0.7 * size["float16"]
@@ -96,7 +97,8 @@ def test_int8_model_takes_and_gives_int8(exported):
     interpreter = tf.lite.Interpreter(
         model_path=str(exported["scratch_cnn"] / "export" / "int8.tflite")
     )
-    inputs, outputs = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    inputs = interpreter.get_input_details()[0]
+    outputs = interpreter.get_output_details()[0]
     assert inputs["dtype"] == np.int8 and outputs["dtype"] == np.int8
     assert inputs["quantization"][0] > 0 and outputs["quantization"][0] > 0
     # Its input scale spans the scratch CNN's [0, 1] inputs in 256 steps.
@@ -161,13 +163,14 @@ def test_an_existing_export_survives_a_failed_export(
     before = {path.name: path.read_bytes() for path in (run_dir / "export").iterdir()}
     convert = export.convert
 
-    def int8_fails(saved_model_dir, form, calibration):
-        if form == "int8":
-            raise training.DataError("the int8 conversion failed (made to, by a test)")
-        return convert(saved_model_dir, form, calibration)
+    def float16_fails(model, form, calibration):
+        # After float32 has converted and been written into the new folder.
+        if form == "float16":
+            raise training.DataError("the float16 conversion failed (made to by a test)")
+        return convert(model, form, calibration)
 
-    monkeypatch.setattr(export, "convert", int8_fails)
-    with pytest.raises(training.DataError, match="int8 conversion failed"):
+    monkeypatch.setattr(export, "convert", float16_fails)
+    with pytest.raises(training.DataError, match="float16 conversion failed"):
         export.main([f"--run={run_dir}", f"--data_dir={cifar_dir}", *QUICK])
     after = {path.name: path.read_bytes() for path in (run_dir / "export").iterdir()}
     assert after == before
