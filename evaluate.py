@@ -788,7 +788,11 @@ def export_blocks(runs):
             blocks += [f"### {model_label(run)}", body.strip()]
     if not blocks:
         return []
-    return ["## Deployment: TensorFlow Lite", *blocks]
+    return [
+        "## Deployment: TensorFlow Lite",
+        "From `python export.py`; the models and tables are in each run's `export/`.",
+        *blocks,
+    ]
 
 
 def report_markdown(
