@@ -17,6 +17,7 @@ Result: not yet measured on full runs; README.md, section Deploy, will hold the 
 An existing export/ is replaced only once every form has converted.
 """
 
+import contextlib
 import csv
 import io
 import json
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -181,7 +183,12 @@ def convert(model, form, calibration):
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     try:
-        return converter.convert()
+        # Keras prints the signature of the SavedModel the converter goes through,
+        # once a form; and the int8 converter asks for input statistics that the
+        # representative dataset already gives it. Neither says anything here.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+            return converter.convert()
     except Exception as error:
         raise training.DataError(
             f"the {form} conversion failed ({type(error).__name__}: "
@@ -293,6 +300,8 @@ def one_thread_keras_latency(model_path, image_path, warmup, runs):
 
 
 def all_cores():
+    """The cores this process may run on (its CPU affinity), which can be fewer than
+    the machine has."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -321,7 +330,7 @@ def table_markdown(rows):
         "test accuracy",
         "agrees with Keras",
         "ms/image, 1 thread",
-        f"ms/image, {cores} threads",
+        f"ms/image, all cores ({cores})",
     ]
     lines = [
         "| " + " | ".join(header) + " |",
