@@ -33,17 +33,16 @@ def copy_run(run_dir, root):
 def exported(scratch_run, transfer_run, cifar_dir, tmp_path_factory):
     """{script: run folder copy} after export.py ran on each, in-process: every form
     of the scratch CNN; float32 alone of MobileNetV2, whose 150-layer graph takes
-    seconds of CPU per conversion."""
+    seconds of CPU per conversion, and its Keras model timed on all cores only."""
     root = tmp_path_factory.mktemp("export-runs")
     copies = {}
-    for script, run_dir, forms in (
-        ("scratch_cnn", scratch_run, ",".join(FORMS)),
-        ("transfer", transfer_run, "float32"),
+    for script, run_dir, options in (
+        ("scratch_cnn", scratch_run, [f"--forms={','.join(FORMS)}"]),
+        ("transfer", transfer_run, ["--forms=float32", "--keras_one_thread=False"]),
     ):
         copies[script] = copy_run(run_dir, root)
         export.main(
-            [f"--run={copies[script]}", f"--data_dir={cifar_dir}", f"--forms={forms}"]
-            + QUICK
+            [f"--run={copies[script]}", f"--data_dir={cifar_dir}", *options, *QUICK]
         )
     return copies
 
@@ -90,7 +89,10 @@ def test_only_the_chosen_forms_are_made(exported):
         "export.md",
         "float32.tflite",
     ]
-    assert list(read_rows(exported["transfer"])) == ["keras", "float32"]
+    rows = read_rows(exported["transfer"])
+    assert list(rows) == ["keras", "float32"]
+    assert rows["keras"]["ms_per_image_1_thread"] == ""  # --keras_one_thread=False
+    assert "not measured" in (folder / "export.md").read_text()
 
 
 def test_int8_model_takes_and_gives_int8(exported):
