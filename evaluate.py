@@ -839,6 +839,24 @@ def machine_description():
     )
 
 
+def export_blocks(runs):
+    """The TensorFlow Lite table of each run that export.py has exported, from its
+    export/export.md (its own title line dropped); nothing when none has been."""
+    blocks = []
+    for run in runs:
+        path = run["dir"] / "export" / "export.md"
+        if path.is_file():
+            body = path.read_text().partition("\n")[2]
+            blocks += [f"### {model_label(run)}", body.strip()]
+    if not blocks:
+        return []
+    return [
+        "## Deployment: TensorFlow Lite",
+        "From `python export.py`; the models and tables are in each run's `export/`.",
+        *blocks,
+    ]
+
+
 def report_markdown(
     runs, measures, evaluations, pairs, reports, hints, test, config, files, command
 ):
@@ -882,6 +900,7 @@ def report_markdown(
             f"{machine_description()}."
         ),
         "The table as [comparison.md](comparison.md) and [comparison.csv](comparison.csv).",
+        *export_blocks(runs),
         "## Learning curves",
         (
             "Solid lines: training; dashed: validation. A dotted vertical line marks "
