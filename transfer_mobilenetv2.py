@@ -51,6 +51,7 @@ FINE_TUNE_EPOCHS = 15  # phase 2: epochs with the base trainable; 0 = head only
 FINE_TUNE_LR = 1e-4  # phase 2 peak learning rate (AdamW), 10x lower than the head's
 FREEZE_FIRST = 10  # base layers (of 154, input included) kept frozen in phase 2
 RANDOM_START_LR = 2e-3  # --weights=none: peak learning rate (AdamW), all layers train
+RANDOM_START_BATCHNORM_MOMENTUM = 0.9  # --weights=none: Keras MobileNetV2 has 0.999
 WARMUP_EPOCHS = 1  # phase 2: linear warm-up from 0, then cosine decay to 0 at the end
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay, scaled by the learning rate
 LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
@@ -208,11 +209,17 @@ def unfreeze_for_fine_tuning(base, freeze_first):
             layer.trainable = False
 
 
-def unfreeze_all(base):
+def unfreeze_all(base, batchnorm_momentum):
     """A random start: every layer trainable, BatchNorm included, from the first
     step, as a network trained from scratch. Freezing random layers, or BatchNorm
-    statistics set at initialisation, would only handicap it."""
+    statistics set at initialisation, would only handicap it. MobileNetV2's
+    BatchNorm momentum of 0.999 suits ImageNet's long runs: on a few thousand
+    images its moving statistics would still be mostly the placeholders (0 and 1)
+    when training ends, and the evaluated network would guess at chance."""
     base.trainable = True
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = batchnorm_momentum
 
 
 def make_fine_tune_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
@@ -270,7 +277,10 @@ def main(argv):
         plan = {
             "phases": ["train"],
             "frozen_first_layers": [],
-            "batchnorm": "trained from the start (batch statistics while training)",
+            "batchnorm": (
+                "trained from the start (batch statistics while training), "
+                f"momentum {config['RANDOM_START_BATCHNORM_MOMENTUM']}"
+            ),
             "learning_rate": config["RANDOM_START_LR"],
             "ignored_for_random_start": ["HEAD_EPOCHS", "HEAD_LR", "FREEZE_FIRST"],
         }
@@ -332,7 +342,7 @@ def main(argv):
     if config["FINE_TUNE_EPOCHS"]:
         with strategy.scope():
             if random_start:
-                unfreeze_all(base)
+                unfreeze_all(base, config["RANDOM_START_BATCHNORM_MOMENTUM"])
             else:
                 unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
             training.compile_model(

@@ -7,6 +7,7 @@ or two, and flips or shifts do not change the answer.
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -18,6 +19,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# A shell starts a background job with SIGINT ignored, and its children inherit
+# that: the tests that press Ctrl-C on a child must see what a terminal user sees.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Keep the scripts offline and out of the user's Keras cache in every test.
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="keras-home-")

@@ -169,13 +169,13 @@ def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
 
 BAD_COMMAND_LINES = [
     ("scratch_cnn.py", ["--epochz=3"], "unknown setting --epochz (valid names: "),
-    ("scratch_cnn.py", ["--epochs=three"], "--epochs takes an int (default 40)"),
+    ("scratch_cnn.py", ["--epochs=three"], "--epochs takes an int (default 8)"),
     ("scratch_cnn.py", ["epochs=3"], "expected --name=value"),
     ("scratch_cnn.py", ["--epochs"], "--epochs needs a value"),
     ("scratch_cnn.py", ["--optimizer", "adam"], "--optimizer must be sgd or adamw"),
     ("scratch_cnn.py", ["--epochs", "0"], "--epochs must be positive"),
     ("transfer_mobilenetv2.py", ["--img_size", "100"], "ImageNet weights exist only"),
-    ("transfer_mobilenetv2.py", ["--head_epochs=0", "--fine_tune_epochs=0"], "both 0"),
+    ("transfer_mobilenetv2.py", ["--head_epochs=0", "--fine_tune_epochs=0"], "nothing to train"),
     ("data.py", ["--val_fraction=1.5"], "--val_fraction must lie in (0, 1)"),
     ("evaluate.py", ["--dpi", "0"], "--dpi must be positive"),
     ("bench.py", ["--quick", "--quick_steps", "0"], "--quick_steps must be positive"),
