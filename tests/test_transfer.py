@@ -139,6 +139,8 @@ def test_random_start_trains_every_layer_and_batchnorm(cifar_dir, tmp_path):
     (base,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     assert all(layer.trainable for layer in base.layers)
     for layer in batchnorm_layers(base):
+        # 0.999, MobileNetV2's own, would leave a short run at the placeholders.
+        assert layer.momentum == transfer.RANDOM_START_BATCHNORM_MOMENTUM
         # A new layer holds 0 and 1; one epoch in training mode moves both.
         assert not np.allclose(layer.moving_mean.numpy(), 0.0), layer.name
         assert not np.allclose(layer.moving_variance.numpy(), 1.0), layer.name
