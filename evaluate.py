@@ -233,16 +233,7 @@ def training_images(run, available):
 
 
 def load_model(run):
-    path = run["dir"] / "model.keras"
-    if not path.is_file():
-        raise training.DataError(f"{path}: missing; train that run again")
-    try:
-        # Predictions need no optimizer or loss: skip compiling.
-        return keras.models.load_model(path, compile=False)
-    except Exception as error:  # zip, HDF5 and deserialisation errors all land here
-        raise training.DataError(
-            f"{path}: cannot be loaded ({type(error).__name__}: {error})"
-        ) from None
+    return training.load_checkpoint(run["dir"])
 
 
 def predict(model, run, images, labels, batch_size):

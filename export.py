@@ -126,19 +126,6 @@ def read_run(run_dir):
     return saved
 
 
-def load_model(run_dir):
-    path = run_dir / "model.keras"
-    if not path.is_file():
-        raise training.DataError(f"{path}: missing; train that run again")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as error:  # zip, HDF5 and deserialisation errors all land here
-        raise training.DataError(
-            f"{path}: cannot be loaded ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
-        ) from None
-
-
 # ---------------------------------------------------------------------------------
 # Data: the run's own split and preprocessing, rebuilt from its config.json
 
@@ -506,7 +493,7 @@ def main(argv):
     for hint in hints:
         print(hint)
     # Every run checked and its model loaded before anything is written.
-    runs = [(run_dir, read_run(run_dir), load_model(run_dir)) for run_dir in run_dirs]
+    runs = [(run_dir, read_run(run_dir), training.load_checkpoint(run_dir)) for run_dir in run_dirs]
     command = " ".join(["python export.py", *argv])
     exported = {}
     for run_dir, saved, model in runs:

@@ -104,11 +104,13 @@ def parse_overrides(defaults, argv):
                 )
             else:
                 text, index = following, index + 1
-        config[name] = _parse_value(flag, text, defaults[name])
+        config[name] = parse_value(flag, text, defaults[name])
     return config
 
 
-def _parse_value(flag, text, default):
+def parse_value(flag, text, default):
+    """`text` as a value of the default's type: a Python literal, a bare string,
+    true/false for a boolean; anything else is a ConfigError."""
     expected = type(default)
     try:
         value = ast.literal_eval(text)

@@ -50,6 +50,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from settings import ConfigError, parse_value
+
 # ---------------------------------------------------------------------------------
 # Config (python study.py ... --name=value overrides any of these)
 
@@ -119,10 +121,6 @@ PRESETS = {
 }
 
 
-class ConfigError(Exception):
-    """A bad command line: exit 2 with this message, before any run starts."""
-
-
 # ---------------------------------------------------------------------------------
 # Command line: presets or scripts, sweeps, seeds, settings for the runs
 
@@ -146,28 +144,6 @@ def script_config(path):
         if type(value) in (bool, int, float, str):
             defaults[name] = value
     return defaults
-
-
-def parse_value(flag, text, default):
-    """`text` as a value of the default's type, by the rules the scripts use
-    (training.parse_overrides): a Python literal, a bare string, true/false."""
-    expected = type(default)
-    try:
-        value = ast.literal_eval(text)
-    except Exception:  # not a literal: keep the text
-        value = text
-    if expected is str:
-        return value if isinstance(value, str) else text
-    if expected is bool and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise ConfigError(
-            f"--{flag} takes {expected.__name__} values (default {default!r}), "
-            f"got {text!r}"
-        )
-    return value
 
 
 def find_script(name):

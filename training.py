@@ -702,6 +702,21 @@ def fit(
         ) from None
 
 
+def load_checkpoint(run_dir):
+    """A finished run's model.keras, for predictions (not compiled); a missing or
+    unreadable file is a DataError naming it, in one line."""
+    path = Path(run_dir) / "model.keras"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; train that run again")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # zip, HDF5 and deserialisation errors all land here
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise DataError(
+            f"{path}: cannot be loaded ({type(error).__name__}: {reason})"
+        ) from None
+
+
 def predict_probabilities(model, dataset, tta_flip=False):
     """(probabilities, one-hot labels) over a whole (images, labels) dataset. With
     `tta_flip`, each image's probabilities are averaged with its mirror image's:
