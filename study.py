@@ -31,7 +31,6 @@ scratch CNN 30.8% and 48.0%, MobileNetV2 from random weights 18.2% and 37.9% (RE
 Results; results/study_data_efficiency.md).
 """
 
-import ast
 import csv
 import fcntl
 import hashlib
@@ -50,7 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from settings import ConfigError, parse_value
+from settings import ConfigError, parse_value, read_script
 
 # ---------------------------------------------------------------------------------
 # Config (python study.py ... --name=value overrides any of these)
@@ -125,34 +124,14 @@ PRESETS = {
 # Command line: presets or scripts, sweeps, seeds, settings for the runs
 
 
-def script_config(path):
-    """The config block of a training script, read from its source without running
-    it (no TensorFlow import): the scalar UPPER_CASE assignments before CONFIG."""
-    defaults = {}
-    for node in ast.parse(Path(path).read_text()).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
-            continue
-        name = getattr(node.targets[0], "id", "")
-        if name == "CONFIG":
-            break
-        if not name.isupper():
-            continue
-        try:
-            value = ast.literal_eval(node.value)
-        except ValueError:
-            continue
-        if type(value) in (bool, int, float, str):
-            defaults[name] = value
-    return defaults
-
-
 def find_script(name):
     """The training script a command line names: a preset-free positional argument,
     with or without .py, next to study.py or as a path."""
     path = Path(name if name.endswith(".py") else name + ".py")
     for candidate in (path, REPO / path):
         if candidate.is_file():
-            defaults = script_config(candidate)
+            script = read_script(candidate)
+            defaults = {key: item.default for key, item in script.settings.items()}
             if all(setting in defaults for setting in RUN_CONTRACT):
                 return candidate.resolve(), defaults
             raise ConfigError(f"{name} is not a training script (no run settings)")
