@@ -92,8 +92,8 @@ def second_run(scratch_run, cifar_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "fit", recording_fit)
         run_dir = scratch_cnn.main(
-            [f"--data_dir={cifar_dir}", f"--out_dir={out_dir}", "--epochs=1", "--width=8"]
-            + TINY_RUN
+            [f"--data_dir={cifar_dir}", f"--out_dir={out_dir}", "--epochs=1"]
+            + ["--width=8", *TINY_RUN]
         )
     return earlier, before, run_dir, seen
 
