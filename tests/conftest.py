@@ -7,6 +7,7 @@ or two, and flips or shifts do not change the answer.
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,19 +185,51 @@ def base_weights(cifar_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def transfer_run(cifar_dir, runs_dir, base_weights):
-    """A finished tiny two-phase transfer_mobilenetv2 run folder, 32 px, from the
-    stand-in pretrained weights."""
+def transfer_resume(cifar_dir, runs_dir, base_weights, tmp_path_factory):
+    """A tiny two-phase transfer_mobilenetv2 run, 32 px, from the stand-in pretrained
+    weights (one head epoch, two fine-tuning epochs), stopped by a Ctrl-C once its
+    first fine-tuning epoch is backed up, then resumed to the end: one MobileNetV2
+    run serves the resume test and every test of a finished run. Returns what the
+    interruption left ("error", "history", "metrics_written", "backup": a copy of
+    its backup/ folder), "run_dir" and what the resume returned ("resumed")."""
+    import training
     import transfer_mobilenetv2
 
-    return transfer_mobilenetv2.main(
-        [
-            f"--data_dir={cifar_dir}",
-            f"--out_dir={runs_dir}",
-            f"--weights={base_weights}",
-            "--img_size=32",
-            "--head_epochs=1",
-            "--fine_tune_epochs=1",
-        ]
-        + TINY_RUN
-    )
+    back_up_epoch = training.Backup.on_epoch_end
+
+    def interrupt_after_epoch_1(self, epoch, logs=None):
+        back_up_epoch(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    args = [
+        f"--data_dir={cifar_dir}",
+        f"--out_dir={runs_dir}",
+        f"--weights={base_weights}",
+        "--img_size=32",
+        "--head_epochs=1",
+        "--fine_tune_epochs=2",
+    ] + TINY_RUN
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Backup, "on_epoch_end", interrupt_after_epoch_1)
+        with pytest.raises(training.Interrupted) as error:
+            transfer_mobilenetv2.main(args)
+    (run_dir,) = (runs_dir / transfer_mobilenetv2.SCRIPT).iterdir()
+    state = {
+        "run_dir": run_dir,
+        "error": str(error.value),
+        "history": training.read_history(run_dir),
+        "metrics_written": (run_dir / "metrics.json").exists(),
+        "backup": shutil.copytree(
+            run_dir / "backup", tmp_path_factory.mktemp("transfer-backup") / "backup"
+        ),
+    }
+    state["resumed"] = transfer_mobilenetv2.main([f"--resume={run_dir}", "--verbose=0"])
+    return state
+
+
+@pytest.fixture(scope="session")
+def transfer_run(transfer_resume):
+    """A finished tiny two-phase transfer_mobilenetv2 run folder (transfer_resume's:
+    one head epoch, two fine-tuning epochs, resumed after the first of them)."""
+    return transfer_resume["run_dir"]

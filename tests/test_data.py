@@ -2,8 +2,8 @@
 stratified split, the tf.data pipeline (scaling, one-hot, resize, shuffle,
 augmentation), the `python data.py` report, and the pipeline's memory use.
 
-Most tests call data.py's functions in-process; the few that need a real command
-line (offline download, figures, memory) start their subprocesses together.
+Most tests call data.py's functions in-process; the two that need a process of their
+own (the offline download's exit code and stderr, memory) start them together.
 """
 
 import builtins
@@ -122,15 +122,11 @@ print(f"batches={{batches}} rss_growth_mb={{rss_mb() - before:.1f}}")
 
 @pytest.fixture(scope="module")
 def script_runs(cifar_dir, tmp_path_factory):
-    """The offline download failure, the figures run and the memory probe, run
-    side by side rather than one after another."""
+    """The offline download failure and the memory probe, run side by side rather
+    than one after another."""
     empty_home = tmp_path_factory.mktemp("empty-keras-home")
-    plots = tmp_path_factory.mktemp("plots")
     jobs = {
         "offline": lambda: run_script("data.py", env={"KERAS_HOME": str(empty_home)}),
-        "figures": lambda: run_script(
-            "data.py", f"--data_dir={cifar_dir}", f"--plots_dir={plots}", "--seed=1"
-        ),
         "memory": lambda: subprocess.run(
             [sys.executable, "-c", MEMORY_PROBE.format(repo=str(REPO))],
             capture_output=True,
@@ -142,7 +138,7 @@ def script_runs(cifar_dir, tmp_path_factory):
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(job) for name, job in jobs.items()}
         results = {name: future.result() for name, future in futures.items()}
-    results["empty_home"], results["plots"] = empty_home, plots
+    results["empty_home"] = empty_home
     return results
 
 
@@ -759,26 +755,25 @@ def test_augmenter_layers_follow_the_settings():
 # python data.py: counts and figures
 
 
-def test_report_prints_counts_and_writes_both_figures(script_runs):
-    result = script_runs["figures"]
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "cifar-10-batches-py" in result.stdout
+def test_report_prints_counts_and_writes_both_figures(cifar_dir, tmp_path, capsys):
+    """`python data.py`, in-process (its command line and exit codes: above)."""
+    plots = tmp_path / "plots"
+    data.main([f"--data_dir={cifar_dir}", f"--plots_dir={plots}", "--seed=1"])
+    stdout = capsys.readouterr().out
+    assert "cifar-10-batches-py" in stdout
     # 300 training images: 10% (3 per class) held out; 100 test images.
     for name in data.CLASS_NAMES:
-        assert re.search(
-            rf"^{name}\s+27\s+3\s+10$", result.stdout, re.MULTILINE
-        ), result.stdout
-    assert re.search(r"^total\s+270\s+30\s+100$", result.stdout, re.MULTILINE)
+        assert re.search(rf"^{name}\s+27\s+3\s+10$", stdout, re.MULTILINE), stdout
+    assert re.search(r"^total\s+270\s+30\s+100$", stdout, re.MULTILINE)
     import matplotlib.image
 
     for name in ("samples.png", "augmented.png"):
-        path = script_runs["plots"] / name
+        path = plots / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 20_000
         picture = matplotlib.image.imread(path)
         assert picture.ndim == 3 and picture.shape[0] > 200 and picture.std() > 0.05
-        assert f"wrote {path}" in result.stdout
+        assert f"wrote {path}" in stdout
 
 
 # ---------------------------------------------------------------------------------

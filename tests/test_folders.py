@@ -9,6 +9,7 @@ and aspect ratios, one grayscale and one RGBA, each class with its own colour.
 import json
 import re
 
+import keras
 import numpy as np
 import pytest
 from conftest import own_stderr_lines, run_script
@@ -139,13 +140,22 @@ def test_data_report_prints_classes_and_writes_figures(folders, tmp_path, capsys
         assert (plots / name).stat().st_size > 5000
 
 
-def test_both_scripts_train_and_evaluate_compares_them(folders, tmp_path):
-    runs = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def folder_runs(folders, tmp_path_factory):
+    """Both training scripts trained on the class folders into one OUT_DIR:
+    (OUT_DIR, scratch run folder, transfer run folder). MobileNetV2 starts from
+    random weights, so its run is also the random-start run tested below."""
+    runs = tmp_path_factory.mktemp("fruit-runs")
     common = [f"--data_dir={folders}", f"--out_dir={runs}", *TINY]
     scratch_dir = scratch_cnn.main([*common, "--epochs=1", "--width=8"])
     transfer_dir = transfer_mobilenetv2.main(
         [*common, "--weights=none", "--fine_tune_epochs=1"]
     )  # fmt: skip
+    return runs, scratch_dir, transfer_dir
+
+
+def test_both_scripts_train_and_evaluate_compares_them(folder_runs, tmp_path):
+    runs, scratch_dir, transfer_dir = folder_runs
     for run_dir in (scratch_dir, transfer_dir):
         saved = json.loads((run_dir / "config.json").read_text())
         assert saved["class_names"] == list(CLASSES)
@@ -166,6 +176,35 @@ def test_both_scripts_train_and_evaluate_compares_them(folders, tmp_path):
         assert all(name in report for name in CLASSES)
     pairs = (plots / "confused_pairs.csv").read_text()
     assert "airplane" not in pairs and "airplane" not in (plots / "report.md").read_text()
+
+
+def test_random_start_trains_every_layer_and_batchnorm(folder_runs):
+    """--weights=none is the control for what pretraining is worth: one phase in
+    which every layer learns and BatchNorm learns its statistics, as a network
+    trained from scratch would; no head phase (HEAD_EPOCHS, 3 by default, is
+    ignored), nothing frozen. (On this module's class folders: the path does not
+    depend on the data, and a MobileNetV2 run costs a minute of CPU.)"""
+    run_dir = folder_runs[2]
+    assert [row["phase"] for row in training.read_history(run_dir)] == ["train"]
+    plan = json.loads((run_dir / "config.json").read_text())["training_plan"]
+    assert plan["phases"] == ["train"] and plan["frozen_first_layers"] == []
+    assert plan["learning_rate"] == transfer_mobilenetv2.RANDOM_START_LR
+
+    model = keras.models.load_model(run_dir / "model.keras")
+    (base,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert all(layer.trainable for layer in base.layers)
+    batchnorm = [
+        layer
+        for layer in base.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert batchnorm
+    for layer in batchnorm:
+        # 0.999, MobileNetV2's own, would leave a short run at the placeholders.
+        assert layer.momentum == transfer_mobilenetv2.RANDOM_START_BATCHNORM_MOMENTUM
+        # A new layer holds 0 and 1; one epoch in training mode moves both.
+        assert not np.allclose(layer.moving_mean.numpy(), 0.0), layer.name
+        assert not np.allclose(layer.moving_variance.numpy(), 1.0), layer.name
 
 
 # ---------------------------------------------------------------------------------

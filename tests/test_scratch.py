@@ -71,15 +71,37 @@ def test_checkpoint_is_the_best_validation_epoch(scratch_run):
     )
 
 
-def test_second_run_leaves_the_first_untouched(scratch_run, cifar_dir, tmp_path):
-    earlier = tmp_path / "scratch_cnn" / scratch_run.name
+@pytest.fixture(scope="module")
+def second_run(scratch_run, cifar_dir, tmp_path_factory):
+    """A second, 1-epoch run into an OUT_DIR that already holds a copy of the
+    session's finished run, recording the first batches main() hands to fit.
+    Returns (the earlier run's copy, its fingerprint before, the new run folder,
+    {"train": images, "validation": images})."""
+    out_dir = tmp_path_factory.mktemp("second-run")
+    earlier = out_dir / "scratch_cnn" / scratch_run.name
     shutil.copytree(scratch_run, earlier)
     before = fingerprint(earlier)
-    run_dir = scratch_cnn.main(
-        [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--epochs=1", "--width=8"]
-        + TINY_RUN
-    )
+    seen = {}
+    real_fit = training.fit
+
+    def recording_fit(model, train_data, validation_data, run_dir, **kwargs):
+        seen["train"] = next(iter(train_data))[0].numpy()
+        seen["validation"] = next(iter(validation_data))[0].numpy()
+        return real_fit(model, train_data, validation_data, run_dir, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "fit", recording_fit)
+        run_dir = scratch_cnn.main(
+            [f"--data_dir={cifar_dir}", f"--out_dir={out_dir}", "--epochs=1"]
+            + ["--width=8", *TINY_RUN]
+        )
+    return earlier, before, run_dir, seen
+
+
+def test_second_run_leaves_the_first_untouched(second_run):
+    earlier, before, run_dir, _ = second_run
     assert run_dir != earlier and run_dir.parent == earlier.parent
+    assert (run_dir / "metrics.json").is_file()
     assert fingerprint(earlier) == before
 
 
@@ -167,21 +189,10 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(cifar_dir, tmp_path):
     assert np.isfinite(metrics["test_loss"]) and metrics["epochs"] == 1
 
 
-def test_batches_reaching_the_model_lie_in_zero_one(cifar_dir, tmp_path, monkeypatch):
+def test_batches_reaching_the_model_lie_in_zero_one(second_run):
     """The scratch CNN is trained on pixels / 255: check the batches main() feeds."""
-    seen = {}
-    real_fit = training.fit
-
-    def recording_fit(model, train_data, validation_data, run_dir, **kwargs):
-        seen["train"] = next(iter(train_data))[0].numpy()
-        seen["validation"] = next(iter(validation_data))[0].numpy()
-        return real_fit(model, train_data, validation_data, run_dir, **kwargs)
-
-    monkeypatch.setattr(training, "fit", recording_fit)
-    scratch_cnn.main(
-        [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--epochs=1", "--width=8"]
-        + TINY_RUN
-    )
+    seen = second_run[3]
+    assert set(seen) == {"train", "validation"}
     for images in seen.values():
         assert images.shape[1:] == (32, 32, 3)
         assert images.min() >= 0.0 and images.max() <= 1.0

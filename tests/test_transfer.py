@@ -19,8 +19,6 @@ import data
 import training
 import transfer_mobilenetv2 as transfer
 
-TINY = ["--weights=none", "--img_size=32"] + TINY_RUN
-
 
 def tiny_batches(cifar_dir, image_size=32, batch_size=32):
     """The training images through the script's own pipeline: [-1, 1], one-hot."""
@@ -69,8 +67,8 @@ def test_run_folder_holds_model_history_config_and_metrics(transfer_run):
     assert model.output_shape == (None, data.NUM_CLASSES)
 
     history = training.read_history(transfer_run)
-    assert [row["phase"] for row in history] == ["head", "fine_tune"]
-    assert [row["epoch"] for row in history] == [0, 1]
+    assert [row["phase"] for row in history] == ["head", "fine_tune", "fine_tune"]
+    assert [row["epoch"] for row in history] == [0, 1, 2]
 
     saved = json.loads((transfer_run / "config.json").read_text())
     assert saved["script"] == transfer.SCRIPT
@@ -85,7 +83,7 @@ def test_run_folder_holds_model_history_config_and_metrics(transfer_run):
     for key in ("test_accuracy", "test_loss", "train_seconds", "images_per_second"):
         assert isinstance(metrics[key], float), key
     assert 0 <= metrics["test_accuracy"] <= 1
-    assert metrics["epochs"] == 2
+    assert metrics["epochs"] == 3
     assert metrics["params"] == model.count_params()
     assert not (transfer_run / "backup").exists()
 
@@ -122,28 +120,8 @@ def test_fine_tuning_freezes_exactly_the_first_layers_and_batchnorm():
     )
 
 
-def test_random_start_trains_every_layer_and_batchnorm(cifar_dir, tmp_path):
-    """--weights=none is the control for what pretraining is worth: one phase in
-    which every layer learns and BatchNorm learns its statistics, as a network
-    trained from scratch would; no head phase, nothing frozen."""
-    run_dir = transfer.main(
-        [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
-         "--fine_tune_epochs=1"] + TINY
-    )  # fmt: skip
-    assert [row["phase"] for row in training.read_history(run_dir)] == ["train"]
-    plan = json.loads((run_dir / "config.json").read_text())["training_plan"]
-    assert plan["phases"] == ["train"] and plan["frozen_first_layers"] == []
-    assert plan["learning_rate"] == transfer.RANDOM_START_LR
-
-    model = keras.models.load_model(run_dir / "model.keras")
-    (base,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    assert all(layer.trainable for layer in base.layers)
-    for layer in batchnorm_layers(base):
-        # 0.999, MobileNetV2's own, would leave a short run at the placeholders.
-        assert layer.momentum == transfer.RANDOM_START_BATCHNORM_MOMENTUM
-        # A new layer holds 0 and 1; one epoch in training mode moves both.
-        assert not np.allclose(layer.moving_mean.numpy(), 0.0), layer.name
-        assert not np.allclose(layer.moving_variance.numpy(), 1.0), layer.name
+# --weights=none, the random start: test_folders.py checks it on its class-folder
+# run, which trains the same MobileNetV2 path from random weights.
 
 
 class StopBeforeTraining(Exception):
@@ -266,35 +244,20 @@ def test_settings_that_cannot_work_exit_2():
 # Resume across the two phases
 
 
-def test_interrupted_fine_tuning_resumes_where_it_stopped(
-    cifar_dir, tmp_path, monkeypatch, base_weights
-):
-    """Ctrl-C after the first fine-tuning epoch; the resumed run restores the head
-    phase without training it again and goes on with epoch 2 of fine-tuning."""
-    back_up_epoch = training.Backup.on_epoch_end
-
-    def interrupt_after_epoch_1(self, epoch, logs=None):
-        back_up_epoch(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.Backup, "on_epoch_end", interrupt_after_epoch_1)
-    with pytest.raises(training.Interrupted, match="--resume="):
-        transfer.main(
-            [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
-             "--fine_tune_epochs=2", f"--weights={base_weights}", "--img_size=32"]
-            + TINY_RUN
-        )  # fmt: skip
-    (run_dir,) = (tmp_path / transfer.SCRIPT).iterdir()
-    assert [row["phase"] for row in training.read_history(run_dir)] == [
+def test_interrupted_fine_tuning_resumes_where_it_stopped(transfer_resume):
+    """Ctrl-C after the first fine-tuning epoch (conftest's transfer_resume, the
+    session's transfer run); the resumed run restores the head phase without
+    training it again and goes on with epoch 2 of fine-tuning."""
+    assert "--resume=" in transfer_resume["error"]
+    assert [row["phase"] for row in transfer_resume["history"]] == [
         "head",
         "fine_tune",
     ]
-    assert not (run_dir / "metrics.json").exists()
-    assert_fine_tuning_kept_batchnorm_and_first_layers(run_dir / "backup")
+    assert not transfer_resume["metrics_written"]
+    assert_fine_tuning_kept_batchnorm_and_first_layers(transfer_resume["backup"])
 
-    monkeypatch.undo()
-    assert transfer.main([f"--resume={run_dir}", "--verbose=0"]) == run_dir
+    run_dir = transfer_resume["run_dir"]
+    assert transfer_resume["resumed"] == run_dir
     history = training.read_history(run_dir)
     assert [(row["epoch"], row["phase"]) for row in history] == [
         (0, "head"),
