@@ -222,6 +222,7 @@ def build_for_training(script, schedule_steps, jit_compile):
     if script is scratch_cnn:
         model = scratch_cnn.build_model(
             settings["IMG_SIZE"],
+            settings["STEM_WIDTH"],
             settings["WIDTH"],
             settings["DROPOUT"],
             settings["BATCHNORM_MOMENTUM"],

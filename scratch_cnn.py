@@ -34,6 +34,7 @@ AUGMENT_TRANSLATE = 0.125  # random shifts with reflect padding, fraction of the
 AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, fraction (0 = off)
+STEM_WIDTH = 24  # filters of the 3x3 convolution before the blocks
 WIDTH = 40  # filters in the first block, doubled in each next one; 40 = 0.46M params
 DROPOUT = 0.0  # dropout rate after each block; short runs underfit, so off
 BATCHNORM_MOMENTUM = 0.9  # moving-average momentum; Keras's 0.99 settles too slowly
@@ -79,16 +80,17 @@ def check_config(config):
 
 def build_model(
     image_size,
+    stem_width,
     width,
     dropout,
     batchnorm_momentum,
     num_classes=data.NUM_CLASSES,
-    stem_filters=24,
 ):
-    """airbench-style, wide and shallow: a cheap 3x3 stem, then three blocks at
-    `width`, 2x and 4x filters of conv, max-pool, BatchNorm, ReLU, conv, BatchNorm,
-    ReLU (pooling first, so each block's second conv runs at a quarter of the cost),
-    then global max pooling and softmax. Dropout after each block if `dropout` > 0."""
+    """airbench-style, wide and shallow: a cheap 3x3 stem of `stem_width` filters,
+    then three blocks at `width`, 2x and 4x filters of conv, max-pool, BatchNorm,
+    ReLU, conv, BatchNorm, ReLU (pooling first, so each block's second conv runs at
+    a quarter of the cost), then global max pooling and softmax. Dropout after each
+    block if `dropout` > 0."""
 
     def conv_bn_relu(x, filters, name, suffix="", pool=False):
         # No bias: the BatchNorm right after has its own.
@@ -103,7 +105,7 @@ def build_model(
         return keras.layers.ReLU(name=f"{name}_relu{suffix}")(x)
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = conv_bn_relu(inputs, stem_filters, "stem")
+    x = conv_bn_relu(inputs, stem_width, "stem")
     for block in range(3):
         filters = width * 2**block
         x = conv_bn_relu(x, filters, f"block{block + 1}", "1", pool=True)
@@ -158,6 +160,7 @@ def main(argv):
     with strategy.scope():
         model = build_model(
             config["IMG_SIZE"],
+            config["STEM_WIDTH"],
             config["WIDTH"],
             config["DROPOUT"],
             config["BATCHNORM_MOMENTUM"],
