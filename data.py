@@ -820,14 +820,7 @@ def save_figures(images, labels, augmenter, plots_dir, figure_size, class_names,
 
 def check_config(config):
     """Checks of the settings alone: run before TensorFlow loads, and by main()."""
-    settings.require(
-        0 < config["VAL_FRACTION"] < 1,
-        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
-    )
-    settings.require(
-        config["TRAIN_IMAGES"] >= 0,
-        f"--train_images must be 0 (all) or positive, got {config['TRAIN_IMAGES']}",
-    )
+    settings.check_data_settings(config)
     settings.require(config["FIGURE_IMAGES"] > 0, "--figure_images must be positive")
 
 

@@ -67,11 +67,7 @@ def check_config(config):
         config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
     )
     settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
-    settings.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
-    settings.require(
-        0 < config["VAL_FRACTION"] < 1,
-        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
-    )
+    settings.check_data_settings(config)
 
 
 # ---------------------------------------------------------------------------------

@@ -48,6 +48,21 @@ def require(condition, message):
         raise ConfigError(message)
 
 
+def check_data_settings(config):
+    """The data settings every script shares, checked before TensorFlow loads:
+    VAL_FRACTION, TRAIN_IMAGES and, in the scripts that batch, BATCH_SIZE."""
+    require(
+        0 < config["VAL_FRACTION"] < 1,
+        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
+    )
+    require(
+        config["TRAIN_IMAGES"] >= 0,
+        f"--train_images must be 0 (all) or positive, got {config['TRAIN_IMAGES']}",
+    )
+    if "BATCH_SIZE" in config:
+        require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+
+
 def fail(message, exit_code):
     """The one way a script stops on an expected failure: `<script>: error: ...`
     on stderr, no traceback, the documented exit code."""

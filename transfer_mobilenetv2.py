@@ -95,11 +95,7 @@ def check_config(config):
     )
     settings.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
     settings.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
-    settings.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
-    settings.require(
-        0 < config["VAL_FRACTION"] < 1,
-        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
-    )
+    settings.check_data_settings(config)
     # Keras would warn and quietly load the 224 px weights for any other size.
     settings.require(
         config["WEIGHTS"] != "imagenet" or config["IMG_SIZE"] in IMAGENET_SIZES,
