@@ -148,6 +148,7 @@ def test_interrupted_run_resumes_at_the_next_epoch(cifar_dir, tmp_path, monkeypa
     [
         ("--epochz=3", "unknown setting --epochz"),
         ("--epochs=abc", "--epochs takes an int"),
+        ("--train_images=-5", "--train_images must be 0 (all) or positive"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flag, message, tmp_path):
