@@ -42,7 +42,9 @@ EPOCHS = 8  # passes over the training images: about 45 min on one core of a 2-c
 STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
 OPTIMIZER = "sgd"  # "sgd" (with Nesterov momentum) or "adamw"
 MOMENTUM = 0.9  # SGD's Nesterov momentum; unused by adamw
-LEARNING_RATE = 0.05  # peak, after warm-up; 0.01 under 2,500 images; 2e-3 for adamw
+LEARNING_RATE = 0.05  # peak, after warm-up; 2e-3 for adamw
+FULL_RATE_STEPS = 256  # a run of fewer steps peaks at LEARNING_RATE x its steps / this
+# (1,000 images: 64 steps, 0.0125; at 0.05 their 16 warm-up steps blew up); 0 = off
 WARMUP_EPOCHS = 2  # linear warm-up from 0 (at most the whole run), then cosine to 0
 WEIGHT_DECAY = 5e-3  # decoupled, times the learning rate; = coupled L2 5e-4 under
 # momentum 0.9 (Keras applies it outside the momentum); about 0.05 suits adamw
@@ -116,6 +118,15 @@ def build_model(
     return keras.Model(inputs, outputs, name="scratch_cnn")
 
 
+def peak_learning_rate(learning_rate, total_steps, full_rate_steps):
+    """`learning_rate`, or a proportionally lower peak for a run of fewer than
+    `full_rate_steps` steps: a warm-up that short reaches a high rate before the
+    network has settled and blows the run up (0 = always `learning_rate`)."""
+    if not full_rate_steps:
+        return learning_rate
+    return learning_rate * min(1.0, total_steps / full_rate_steps)
+
+
 def make_optimizer(
     name, learning_rate, momentum, weight_decay, warmup_steps, total_steps
 ):
@@ -153,6 +164,10 @@ def main(argv):
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
+    total_steps = config["EPOCHS"] * pipelines.steps_per_epoch
+    peak_rate = peak_learning_rate(
+        config["LEARNING_RATE"], total_steps, config["FULL_RATE_STEPS"]
+    )
     with strategy.scope():
         model = build_model(
             config["IMG_SIZE"],
@@ -166,18 +181,19 @@ def main(argv):
             model,
             make_optimizer(
                 config["OPTIMIZER"],
-                config["LEARNING_RATE"],
+                peak_rate,
                 config["MOMENTUM"],
                 config["WEIGHT_DECAY"],
                 warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
-                total_steps=config["EPOCHS"] * pipelines.steps_per_epoch,
+                total_steps=total_steps,
             ),
             config["LABEL_SMOOTHING"],
             config["JIT_COMPILE"],
         )
     print(
         f"model: {model.name}, {model.count_params():,} parameters, "
-        f"{strategy.num_replicas_in_sync} replica(s)"
+        f"{strategy.num_replicas_in_sync} replica(s); "
+        f"peak learning rate {peak_rate:.3g} over {total_steps:,} steps"
     )
 
     # Train
@@ -190,6 +206,7 @@ def main(argv):
             pipelines.source,
             value_range=VALUE_RANGE,
             class_names=list(pipelines.class_names),
+            peak_learning_rate=peak_rate,
         )
     print(f"run folder: {run_dir}")
     training.fit(
