@@ -43,8 +43,8 @@ STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
 OPTIMIZER = "sgd"  # "sgd" (with Nesterov momentum) or "adamw"
 MOMENTUM = 0.9  # SGD's Nesterov momentum; unused by adamw
 LEARNING_RATE = 0.05  # peak, after warm-up; 2e-3 for adamw
-FULL_RATE_STEPS = 256  # a run of fewer steps peaks at LEARNING_RATE x its steps / this
-# (1,000 images: 64 steps, 0.0125; at 0.05 their 16 warm-up steps blew up); 0 = off
+# 0.05 after 16 warm-up steps blew 1,000-image runs (64 steps) up: short runs peak lower
+FULL_RATE_STEPS = 256  # fewer steps: peak at LEARNING_RATE x steps / this; 0 = off
 WARMUP_EPOCHS = 2  # linear warm-up from 0 (at most the whole run), then cosine to 0
 WEIGHT_DECAY = 5e-3  # decoupled, times the learning rate; = coupled L2 5e-4 under
 # momentum 0.9 (Keras applies it outside the momentum); about 0.05 suits adamw
