@@ -27,7 +27,7 @@ report: install
 # results/: the committed reference results (README, Results). Runs go to runs/ (not
 # committed). Hours on a 2-core CPU. The last line compares the two 2,500-image runs.
 STUDY := $(BIN)/python study.py scratch_cnn.py transfer_mobilenetv2.py \
-	--sweep=train_images:1000,2500 --seeds=0 --study=data_efficiency --weights=none \
+	--sweep=train_images:1000,2500 --seeds=0,1 --study=data_efficiency --weights=none \
 	--fine_tune_epochs=5 --plots_dir=results --data_label="CIFAR-10 (JPEG copy)" $(DATA_FLAG)
 results: install
 	$(BIN)/python scratch_cnn.py $(DATA_FLAG)
