@@ -233,3 +233,32 @@ def transfer_run(transfer_resume):
     """A finished tiny two-phase transfer_mobilenetv2 run folder (transfer_resume's:
     one head epoch, two fine-tuning epochs, resumed after the first of them)."""
     return transfer_resume["run_dir"]
+
+
+# pytest-xdist (`-n 2 --dist loadfile`, set in pyproject.toml): each worker builds
+# its own session and module fixtures. A test file's tests run in one worker, so its
+# module fixtures are built once; the files that use the finished MobileNetV2 run
+# (transfer_resume, the costliest fixture) run in one worker together; the tests of
+# SPREAD_FILES, each training runs of its own, go wherever a worker is free.
+# (xdist_group marks cannot say this: pytest-xdist 3.8's loadgroup loses them with
+# pytest 9.2, pytest-xdist issue 1386.)
+TRANSFER_RUN_FILES = ("test_evaluate.py", "test_export.py", "test_transfer.py")
+SPREAD_FILES = ("test_resilience.py",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            if Path(path).name in SPREAD_FILES:
+                return nodeid
+            if Path(path).name in TRANSFER_RUN_FILES:
+                return "transfer_resume"
+            return path
+
+    return FileScheduling(config, log)
