@@ -6,6 +6,7 @@ MultiWorkerMirroredStrategy."""
 import io
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -310,12 +311,21 @@ def test_tensorflow_start_up_notices_are_quiet_and_verbose_2_shows_them(
 
 
 def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
+    """Loopback ports free now, below Linux's ephemeral range (32768 up): the
+    outgoing connections of the tests running alongside (pytest-xdist) cannot take
+    one in the seconds before the workers listen on it, as a port bound to 0 and
+    closed again could be taken."""
+    rng = random.SystemRandom()
+    ports = []
+    while len(ports) < count:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
 
 

@@ -36,12 +36,32 @@ def transfer_tiny(base_weights):
 SHORT_EPOCHS = ["--steps_per_epoch=2"]  # 2 batches of 32 a training epoch
 
 
-def start(script, out_dir, *args):
+# Runs a training script as __main__, as `python script.py ...` would, except that
+# once its first epoch is backed up it waits there: the test's Ctrl-C (SIGINT) lands
+# in that wait, never after a tiny run has already finished on a busy machine.
+PAUSE_AFTER_FIRST_EPOCH = textwrap.dedent("""
+    import runpy, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import training
+    back_up_epoch = training.Backup.on_epoch_end
+    def back_up_then_wait(self, epoch, logs=None):
+        back_up_epoch(self, epoch, logs)
+        if epoch == 0:
+            time.sleep(600)
+    training.Backup.on_epoch_end = back_up_then_wait
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """)
+
+
+def start(script, out_dir, *args, pause_after_first_epoch=False):
     """A training script as a child process, its output going to files in out_dir
-    (a full pipe would stall it)."""
+    (a full pipe would stall it); paused after its first epoch if asked."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    pause = ["-c", PAUSE_AFTER_FIRST_EPOCH, str(REPO)] if pause_after_first_epoch else []
     return subprocess.Popen(
-        [sys.executable, str(REPO / script), f"--out_dir={out_dir}", *args, *TINY_RUN],
+        [sys.executable, *pause, str(REPO / script), f"--out_dir={out_dir}", *args,
+         *TINY_RUN],  # fmt: skip
         cwd=REPO,
         env={**os.environ, **OFFLINE_ENV},
         stdout=(out_dir / "stdout.txt").open("w"),
@@ -115,14 +135,14 @@ def all_finite(arrays):
 def test_resume_in_the_head_phase_starts_fine_tuning_at_its_own_epoch(
     cifar_dir, tmp_path, base_weights
 ):
-    """Ctrl-C during the head phase (4 epochs); the resumed run finishes the head
-    and trains the one fine-tuning epoch as epoch 5, each epoch once (Keras's
-    BackupAndRestore leaves the head's restored epoch in model._initial_epoch,
-    which fit would use for fine-tuning)."""
+    """Ctrl-C in the head phase (4 epochs), once its first epoch is backed up; the
+    resumed run finishes the head and trains the one fine-tuning epoch as epoch 5,
+    each epoch once (Keras's BackupAndRestore leaves the head's restored epoch in
+    model._initial_epoch, which fit would use for fine-tuning)."""
     child = start(
         "transfer_mobilenetv2.py", tmp_path, f"--data_dir={cifar_dir}",
         "--head_epochs=4", "--fine_tune_epochs=1", *transfer_tiny(base_weights),
-        *SHORT_EPOCHS,
+        *SHORT_EPOCHS, pause_after_first_epoch=True,
     )  # fmt: skip
     run_dir = wait_for_epochs(child, tmp_path, transfer.SCRIPT, 1)
     interrupt(child, tmp_path)
@@ -221,11 +241,11 @@ def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
 def test_early_stopping_counts_the_epochs_before_a_resume(cifar_dir, tmp_path):
     """With a learning rate of 0 and frozen BatchNorm statistics the model never
     changes, so val_accuracy never improves after epoch 1 and a patience of 3 ends
-    the run after epoch 4. A Ctrl-C in epoch 2 must not restart the count."""
+    the run after epoch 4. A Ctrl-C after epoch 1 must not restart the count."""
     child = start(
         "scratch_cnn.py", tmp_path, f"--data_dir={cifar_dir}", "--epochs=10",
         "--width=8", "--learning_rate=0.0", "--batchnorm_momentum=1.0",
-        "--early_stopping_patience=3",
+        "--early_stopping_patience=3", pause_after_first_epoch=True,
     )  # fmt: skip
     run_dir = wait_for_epochs(child, tmp_path, scratch_cnn.SCRIPT, 1)
     interrupt(child, tmp_path)
