@@ -12,9 +12,9 @@ phases: a new head on the frozen base, then the base but its first 10 layers.
 Result: a TARGET of 95%+ test accuracy at 96 px with ImageNet weights and the defaults,
 not measurable here (the weights cannot be downloaded; public Keras runs at 96 px report
 about 88%; the report fed MobileNetV2 [0, 1] inputs where it expects [-1, 1]). The
-random-weights control on CIFAR-10 (JPEG copy), 5 epochs: 18.2% from 1,000 training
-images, 37.9% from 2,500 (`python study.py ...`, README Results; one core of a 2-core
-AMD EPYC CPU). Speed: 273 images/s end to end while fine-tuning at 96 px, 1.66 GB peak
+random-weights control on CIFAR-10 (JPEG copy), 5 epochs, mean of seeds 0 and 1: 19.9%
+from 1,000 training images, 37.4% from 2,500 (`python study.py ...`, README Results;
+one core of a 2-core AMD EPYC CPU). Speed: 273 images/s end to end while fine-tuning at 96 px, 1.66 GB peak
 memory on 50,000 images (the report's resize-everything way: 18.4 GB), from `python
 bench.py` on an earlier, faster 2-core AMD EPYC machine without a GPU.
 """
