@@ -14,9 +14,9 @@ not measurable here (the weights cannot be downloaded; public Keras runs at 96 p
 about 88%; the report fed MobileNetV2 [0, 1] inputs where it expects [-1, 1]). The
 random-weights control on CIFAR-10 (JPEG copy), 5 epochs, mean of seeds 0 and 1: 19.9%
 from 1,000 training images, 37.4% from 2,500 (`python study.py ...`, README Results;
-one core of a 2-core AMD EPYC CPU). Speed: 273 images/s end to end while fine-tuning at 96 px, 1.66 GB peak
-memory on 50,000 images (the report's resize-everything way: 18.4 GB), from `python
-bench.py` on an earlier, faster 2-core AMD EPYC machine without a GPU.
+one core of a 2-core AMD EPYC CPU). Speed: 104 images/s end to end while fine-tuning
+at 96 px, 1.73 GB peak memory on 50,000 images (the report's resize-everything way:
+17.5 GB), from `python bench.py` on that CPU's two cores, no GPU.
 """
 
 import settings
