@@ -730,7 +730,7 @@ def pipelines_for(config, value_range):
     folders found (DATA_DIR), the TRAIN_IMAGES subset and VAL_FRACTION split (SEED),
     and pipelines of BATCH_SIZE batches at IMG_SIZE scaled to `value_range`."""
     training.require(config["IMG_SIZE"] >= NATIVE_SIZE, "--img_size must be 32 or more")
-    training.require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+    settings.check_data_settings(config)
     x_train, y_train, x_val, y_val, test_images, test_labels, class_names, source = (
         load_data(
             config["DATA_DIR"],

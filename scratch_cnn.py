@@ -121,7 +121,7 @@ def build_model(
 def peak_learning_rate(learning_rate, total_steps, full_rate_steps):
     """`learning_rate`, or a proportionally lower peak for a run of fewer than
     `full_rate_steps` steps: a warm-up that short reaches a high rate before the
-    network has settled and blows the run up (0 = always `learning_rate`)."""
+    network has settled, and can blow the run up (0 = always `learning_rate`)."""
     if not full_rate_steps:
         return learning_rate
     return learning_rate * min(1.0, total_steps / full_rate_steps)
