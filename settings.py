@@ -155,7 +155,8 @@ def article(noun):
 
 class Setting(NamedTuple):
     default: object
-    comment: str  # the trailing comment of its line in the config block
+    comment: str  # the trailing comment of its lines in the config block
+    more: tuple = ()  # the comment lines right below it, which go on with it
 
 
 class Script(NamedTuple):
@@ -179,6 +180,7 @@ def read_script(path):
         for token in tokenize.generate_tokens(io.StringIO(source).readline)
         if token.type == tokenize.COMMENT
     }
+    source_lines = source.splitlines()
     settings, constants, check, complete = {}, {}, None, True
     in_block = True
     for node in tree.body:
@@ -204,7 +206,12 @@ def read_script(path):
         if in_block and type(value) in SCALARS:
             lines = range(node.lineno, node.end_lineno + 1)
             comment = " ".join(comments[line] for line in lines if line in comments)
-            settings[name] = Setting(value, comment)
+            more = []
+            for line in source_lines[node.end_lineno :]:
+                if not line.lstrip().startswith("#"):
+                    break
+                more.append(line.lstrip().lstrip("#").strip())
+            settings[name] = Setting(value, comment, tuple(more))
     if check is not None:
         check = _compile_function(check, path, constants)
     return Script(ast.get_docstring(tree) or "", settings, check, complete)
@@ -265,6 +272,7 @@ def help_text(path):
             lines.append(f"  {flag}")
             flag = ""
         lines.append(f"  {flag:<{width}}  {setting.comment}".rstrip())
+        lines += [f"  {'':<{width}}  {comment}".rstrip() for comment in setting.more]
     return "\n".join(lines) + "\n"
 
 

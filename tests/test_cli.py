@@ -148,7 +148,10 @@ def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
                 0.25  # a rate, in (0, 1)
             )
             LOUD = False  # say more
+            # goes on with LOUD's
             BATCH = other.CONFIG["BATCH_SIZE"]  # as other.py's
+            # which goes on here
+            #   and here
             CONFIG = settings.config_block(globals())  # not a setting
             AFTER = 3  # not a setting either
             '''
@@ -159,7 +162,9 @@ def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
     assert '--name="x"' in text and "a name" in text
     assert re.search(r"--rate=0\.25 +a rate, in \(0, 1\)", text)
     assert re.search(r"--loud=False +say more", text)
-    assert re.search(r"--batch=64 +as other.py's", text)
+    more = r"--batch=64 +as other.py's\n +which goes on here\n +and here\n"
+    assert re.search(more, text)
+    assert re.search(r"say more\n +goes on with LOUD's\n  --batch", text)
     assert "--config" not in text and "--after" not in text
     read = settings.read_script(script)
     assert list(read.settings) == ["NAME", "RATE", "LOUD", "BATCH"] and read.complete
