@@ -77,7 +77,7 @@ TARGET_MEMORY_SAVING = 8.0  # the naive way's peak memory over ours, MobileNetV2
 SEED = 0  # seeds the random images, shuffling, augmentation and weights
 OUTPUT = "bench.json"  # where the table and every number go, as JSON
 CASE = ""  # internal: the one case a child process runs, set by bench.py itself
-CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 GB = 1e9  # bytes: the unit the issue's figures are in (5.5 GB = 50,000 x 96x96x3 x 4 B)
 RESULT_MARK = "BENCH_CASE_RESULT "  # a child's last stdout line: this, then its JSON
@@ -190,10 +190,10 @@ def random_cifar(count, seed):
 def training_pipeline(script, images, labels, batch_size, seed):
     """The script's own training pipeline: its augmentation, image size and input
     range, shuffled, repeated."""
-    settings = script.CONFIG
-    augmenter = data.augmenter_for({**settings, "SEED": seed})
+    config = script.CONFIG
+    augmenter = data.augmenter_for({**config, "SEED": seed})
     return data.make_dataset(
-        images, labels, batch_size=batch_size, image_size=settings["IMG_SIZE"],
+        images, labels, batch_size=batch_size, image_size=config["IMG_SIZE"],
         value_range=script.VALUE_RANGE, augmenter=augmenter, shuffle=True, seed=seed,
         repeat=True,
     )  # fmt: skip
@@ -218,42 +218,42 @@ def build_for_training(script, schedule_steps, jit_compile):
     """The script's model compiled as its (most expensive) training phase trains it:
     all of the scratch CNN; MobileNetV2 fine-tuning, from random weights. The
     learning-rate schedule spans `schedule_steps`; its shape costs no time."""
-    settings = script.CONFIG
+    config = script.CONFIG
     if script is scratch_cnn:
         model = scratch_cnn.build_model(
-            settings["IMG_SIZE"],
-            settings["STEM_WIDTH"],
-            settings["WIDTH"],
-            settings["DROPOUT"],
-            settings["BATCHNORM_MOMENTUM"],
+            config["IMG_SIZE"],
+            config["STEM_WIDTH"],
+            config["WIDTH"],
+            config["DROPOUT"],
+            config["BATCHNORM_MOMENTUM"],
         )
         training.compile_model(
             model,
             scratch_cnn.make_optimizer(
-                settings["OPTIMIZER"],
-                settings["LEARNING_RATE"],
-                settings["MOMENTUM"],
-                settings["WEIGHT_DECAY"],
+                config["OPTIMIZER"],
+                config["LEARNING_RATE"],
+                config["MOMENTUM"],
+                config["WEIGHT_DECAY"],
                 warmup_steps=0,
                 total_steps=schedule_steps,
             ),
-            settings["LABEL_SMOOTHING"],
+            config["LABEL_SMOOTHING"],
             jit_compile,
         )
         return model
     model, base = transfer_mobilenetv2.build_model(
-        settings["IMG_SIZE"], None, settings["DROPOUT"]
+        config["IMG_SIZE"], None, config["DROPOUT"]
     )
-    transfer_mobilenetv2.unfreeze_for_fine_tuning(base, settings["FREEZE_FIRST"])
+    transfer_mobilenetv2.unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
     training.compile_model(
         model,
         transfer_mobilenetv2.make_fine_tune_optimizer(
-            settings["FINE_TUNE_LR"],
-            settings["WEIGHT_DECAY"],
+            config["FINE_TUNE_LR"],
+            config["WEIGHT_DECAY"],
             warmup_steps=0,
             total_steps=schedule_steps,
         ),
-        settings["LABEL_SMOOTHING"],
+        config["LABEL_SMOOTHING"],
         jit_compile,
     )
     return model
@@ -421,7 +421,7 @@ def precision_case(script, config, mixed_precision, jit_compile):
 def run_case(case, config):
     """Child side: run one case and print its result as the last stdout line."""
     kind, script_name, *options = case.split(":")
-    training.require(
+    settings.require(
         kind in ("streaming", "naive", "precision") and script_name in SCRIPTS,
         f"--case={case}: expected streaming|naive|precision:SCRIPT, SCRIPT one of "
         f"{', '.join(SCRIPTS)}",
@@ -750,7 +750,7 @@ def main(argv):
     check_config(config)
     run = sizes(config)
     largest_batch = max(run["batch_size"].values())
-    training.require(
+    settings.require(
         min(run["batch_size"].values()) > 0
         and run["images"] >= largest_batch * total_steps(run),
         f"{run['images']} images are too few for {total_steps(run)} steps of "

@@ -47,7 +47,7 @@ AUGMENT_ROTATE = 0.0  # random rotation, as a fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, as a fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, as a fraction (0 = off)
 PLOTS_DIR = "plots"  # where the figures go
-CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 # ---------------------------------------------------------------------------------
 # Finding CIFAR-10
@@ -124,7 +124,7 @@ def load_cifar10(data_dir=""):
         if where:
             source = find_source(where)
             if source is None:
-                raise training.DataError(
+                raise settings.DataError(
                     f"{origin}={where}: no CIFAR-10 there; expected {BATCHES_FOLDER}/, "
                     f"its batch files, or {ARCHIVE_NAME}"
                 )
@@ -149,7 +149,7 @@ def download_cifar10():
         cache = keras_datasets_dir()
         # Keras wraps URL errors in a bare Exception: its text holds the reason.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise training.DataError(
+        raise settings.DataError(
             f"CIFAR-10 is not on this machine and the download failed ({reason}). "
             f"Pass --data_dir=FOLDER holding {ARCHIVE_NAME} or {BATCHES_FOLDER}/, "
             f"or put {ARCHIVE_NAME} in {cache}/"
@@ -199,39 +199,41 @@ def parse_batch(raw, name):
     try:
         batch = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except RefusedGlobal as error:
-        raise training.DataError(
+        raise settings.DataError(
             f"{name}: not a CIFAR-10 batch file ({error}, which could run code)"
         ) from None
     except Exception as error:  # truncated or corrupt: EOFError, UnpicklingError, ...
         detail = (
             error if isinstance(error, pickle.UnpicklingError) else type(error).__name__
         )
-        raise training.DataError(
+        raise settings.DataError(
             f"{name}: truncated or corrupt ({detail}); download it again"
         ) from None
     if not isinstance(batch, dict):
-        raise training.DataError(f"{name}: expected a dict, found {type(batch).__name__}")
+        raise settings.DataError(
+            f"{name}: expected a dict, found {type(batch).__name__}"
+        )
     batch = {
         key.decode() if isinstance(key, bytes) else key: value
         for key, value in batch.items()
     }
     if "data" not in batch or "labels" not in batch:
-        raise training.DataError(f"{name}: no 'data' and 'labels' entries")
+        raise settings.DataError(f"{name}: no 'data' and 'labels' entries")
     data, labels = batch["data"], np.asarray(batch["labels"])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-        raise training.DataError(
+        raise settings.DataError(
             f"{name}: data must be a uint8 array, found {getattr(data, 'dtype', type(data).__name__)}"
         )
     if data.ndim != 2 or data.shape[1] != 3 * NATIVE_SIZE * NATIVE_SIZE:
-        raise training.DataError(
+        raise settings.DataError(
             f"{name}: data must have shape (N, 3072), found {data.shape}"
         )
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise training.DataError(
+        raise settings.DataError(
             f"{name}: expected {len(data)} integer labels, found shape {labels.shape} {labels.dtype}"
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise training.DataError(
+        raise settings.DataError(
             f"{name}: labels must lie in 0..9, found {labels.min()}..{labels.max()}"
         )
     # Rows are stored channel-first (1024 red, 1024 green, 1024 blue): to NHWC.
@@ -248,13 +250,13 @@ def read_cifar10(source):
         def read(name):
             path = source / name
             if not path.is_file():
-                raise training.DataError(
+                raise settings.DataError(
                     f"{path}: missing; the folder needs {', '.join(TRAIN_BATCHES)} and {TEST_BATCH}"
                 )
             try:
                 raw = path.read_bytes()
             except OSError as error:
-                raise training.DataError(
+                raise settings.DataError(
                     f"{path}: unreadable ({error.strerror})"
                 ) from None
             return parse_batch(raw, str(path))
@@ -270,7 +272,7 @@ def read_cifar10(source):
 
             def read(name):
                 if name not in members:
-                    raise training.DataError(
+                    raise settings.DataError(
                         f"{source}: archive has no {BATCHES_FOLDER}/{name}"
                     )
                 return parse_batch(
@@ -279,7 +281,7 @@ def read_cifar10(source):
 
             return _assemble(read)
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise training.DataError(
+        raise settings.DataError(
             f"{source}: unreadable archive ({type(error).__name__}: {error}); download it again"
         ) from None
 
@@ -333,7 +335,7 @@ def class_folders_root(data_dir):
     hint = ""
     if any(image_files(folder, limit=1) for folder in visible_folders(path)):
         hint = f"\nits sub-folders hold images: move them into {path / 'train'}/"
-    raise training.DataError(
+    raise settings.DataError(
         f"--data_dir={data_dir}: neither CIFAR-10 ({BATCHES_FOLDER}/, its batch files "
         f"or {ARCHIVE_NAME}) nor {FOLDERS_LAYOUT}{hint}"
     )
@@ -371,7 +373,7 @@ def list_split(split_dir, class_names):
     for label, name in enumerate(class_names):
         found = image_files(split_dir / name)
         if not found:
-            raise training.DataError(
+            raise settings.DataError(
                 f"{split_dir / name}: empty class folder (no "
                 f"{'/'.join(IMAGE_EXTENSIONS)} files); add images or remove the folder"
             )
@@ -389,7 +391,7 @@ def list_class_folders(root, test_fraction):
     class_names = tuple(folder.name for folder in visible_folders(train_dir))
     if len(class_names) < 2:
         found = f"only one ({class_names[0]}/)" if class_names else "none"
-        raise training.DataError(
+        raise settings.DataError(
             f"{train_dir}: class folders needed, 2 or more, found {found}; "
             f"expected {FOLDERS_LAYOUT}"
         )
@@ -400,12 +402,12 @@ def list_class_folders(root, test_fraction):
         test_classes = [folder.name for folder in visible_folders(test_dir)]
         unseen = [name for name in test_classes if name not in class_names]
         if unseen:
-            raise training.DataError(
+            raise settings.DataError(
                 f"{test_dir / unseen[0]}: class {unseen[0]!r} is not in {train_dir}/, "
                 f"so training never sees it; add train/{unseen[0]}/ or remove it"
             )
         if not test_classes:
-            raise training.DataError(
+            raise settings.DataError(
                 f"{test_dir}: no class folders; expected {held_out[0]}/<class>/<images>, "
                 "or remove it to take the test set from train/"
             )
@@ -417,7 +419,7 @@ def list_class_folders(root, test_fraction):
         unused = "".join(f", {name}/ not used" for name in held_out[1:])
         source = f"{root} (class folders; test set: {held_out[0]}/{unused})"
     else:
-        training.require(
+        settings.require(
             0 < test_fraction < 1,
             f"--test_fraction must lie in (0, 1), got {test_fraction}",
         )
@@ -429,7 +431,7 @@ def list_class_folders(root, test_fraction):
                 random_state=TEST_SPLIT_SEED,
             )
         except ValueError as error:
-            raise training.ConfigError(
+            raise settings.ConfigError(
                 f"{train_dir}: cannot hold out a stratified test set of "
                 f"--test_fraction={test_fraction} from {len(train_labels)} images in "
                 f"{len(class_names)} classes ({error}); add images or a test/ folder"
@@ -485,7 +487,7 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
                     decode(tf.constant(path))
                 except tf.errors.OpError as error:
                     reason = error.message.split("}}")[-1].split("[Op:")[0].strip()
-                    raise training.DataError(
+                    raise settings.DataError(
                         f"{path}: not a readable image "
                         f"({reason or type(error).__name__}); fix it or remove it"
                     ) from None
@@ -518,10 +520,10 @@ def native_stderr_silenced():
 def split(images, labels, val_fraction, seed, train_images=0):
     """(train_images, train_labels, val_images, val_labels): a stratified subset of
     `train_images` images (0 = all), then a stratified validation split from it."""
-    training.require(
+    settings.require(
         0 < val_fraction < 1, f"--val_fraction must lie in (0, 1), got {val_fraction}"
     )
-    training.require(
+    settings.require(
         train_images >= 0,
         f"--train_images must be 0 (all) or positive, got {train_images}",
     )
@@ -535,7 +537,7 @@ def split(images, labels, val_fraction, seed, train_images=0):
             index, test_size=val_fraction, stratify=labels[index], random_state=seed
         )
     except ValueError as error:
-        raise training.ConfigError(
+        raise settings.ConfigError(
             f"cannot split {len(index)} images into stratified train and validation sets "
             f"with --val_fraction={val_fraction}: {error}"
         ) from None
@@ -729,7 +731,7 @@ def pipelines_for(config, value_range):
     """The data of a training script's run, from its config block: CIFAR-10 or class
     folders found (DATA_DIR), the TRAIN_IMAGES subset and VAL_FRACTION split (SEED),
     and pipelines of BATCH_SIZE batches at IMG_SIZE scaled to `value_range`."""
-    training.require(config["IMG_SIZE"] >= NATIVE_SIZE, "--img_size must be 32 or more")
+    settings.require(config["IMG_SIZE"] >= NATIVE_SIZE, "--img_size must be 32 or more")
     settings.check_data_settings(config)
     x_train, y_train, x_val, y_val, test_images, test_labels, class_names, source = (
         load_data(

@@ -66,7 +66,7 @@ CONVERGED_FRACTION = 0.95  # converged = first epoch at this share of best val a
 ACCURACY_TOLERANCE = 0.002  # warn when recomputed and recorded test accuracy differ more
 SEED = 0  # picks the random test images
 DPI = 110  # resolution of the saved figures, dots per inch
-CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in table order
 RUN_SETTING = {"scratch_cnn": "SCRATCH_RUN", "transfer_mobilenetv2": "TRANSFER_RUN"}
@@ -103,19 +103,19 @@ def check_run_folder(path, script):
     run of `script`; else stop with exit code 2 and say what is wrong."""
     flag = f"--{RUN_SETTING[script].lower()}={path}"
     run_dir = Path(path).expanduser()
-    training.require(
+    settings.require(
         (run_dir / "config.json").is_file(),
         f"{flag}: not a run folder (no config.json); runs are in "
         f"OUT_DIR/{script}/<timestamp>/",
     )
-    training.require(
+    settings.require(
         (run_dir / "metrics.json").is_file(),
         f"{flag}: that run has not finished (no metrics.json); finish it with: "
         f"python {script}.py --resume={run_dir}",
     )
     made_by = read_json(run_dir / "config.json").get("script")
     if made_by in RUN_SETTING and made_by != script:
-        raise training.ConfigError(
+        raise settings.ConfigError(
             f"{flag}: that is a {made_by} run; pass it as "
             f"--{RUN_SETTING[made_by].lower()}={path}"
         )
@@ -138,7 +138,7 @@ def find_runs(out_dir, chosen):
             hints.append(missing_run_hint(script, out_dir))
     if not runs:
         flag = "" if str(out_dir) == CONFIG["OUT_DIR"] else f" --out_dir={out_dir}"
-        raise training.DataError(
+        raise settings.DataError(
             f"no finished runs in {Path(out_dir)}/ to evaluate; make them with: "
             f"python scratch_cnn.py{flag} and python transfer_mobilenetv2.py{flag}"
         )
@@ -149,7 +149,7 @@ def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise training.DataError(
+        raise settings.DataError(
             f"{path}: unreadable ({type(error).__name__}); train that run again"
         ) from None
 
@@ -158,13 +158,13 @@ def read_run(run_dir, script):
     """What training left in `run_dir`: its config.json, metrics.json and history."""
     saved = read_json(run_dir / "config.json")
     if "value_range" not in saved or "IMG_SIZE" not in saved.get("config", {}):
-        raise training.DataError(
+        raise settings.DataError(
             f"{run_dir / 'config.json'}: no value_range or IMG_SIZE, so the test "
             "pipeline cannot be rebuilt; train that run again with the current scripts"
         )
     history = training.read_history(run_dir)
     if not history:
-        raise training.DataError(f"{run_dir / 'history.csv'}: missing or empty")
+        raise settings.DataError(f"{run_dir / 'history.csv'}: missing or empty")
     return {
         "script": script,
         "dir": Path(run_dir),
@@ -213,7 +213,7 @@ def load_test_set(run, data_dir, cache):
         cache[key] = data.load_test_data(where, image_size, test_fraction)
     _, _, source, _, class_names = cache[key]
     if tuple(class_names) != run_class_names(run):
-        raise training.DataError(
+        raise settings.DataError(
             f"{run['dir']}: trained on the classes {', '.join(run_class_names(run))}; "
             f"the test data in {source} has {', '.join(class_names)}; pass --data_dir="
         )
@@ -244,7 +244,7 @@ def predict(model, run, images, labels, batch_size):
     batch (on a GPU, an XLA compile each), which is set-up, not inference."""
     num_classes = model.output_shape[-1]
     if num_classes != len(run_class_names(run)):
-        raise training.DataError(
+        raise settings.DataError(
             f"{run['dir'] / 'model.keras'}: {num_classes} outputs for "
             f"{len(run_class_names(run))} classes in its config.json; train it again"
         )
@@ -965,7 +965,7 @@ def evaluate_runs(runs, config):
             not np.array_equal(labels, test["labels"])
             or class_names != test["class_names"]
         ):
-            raise training.ConfigError(
+            raise settings.ConfigError(
                 "the runs were trained on different data, so their test sets differ; "
                 "pass --data_dir= to evaluate both on one"
             )

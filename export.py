@@ -55,7 +55,7 @@ WARMUP_RUNS = 20  # single-image invocations before timing starts
 LATENCY_RUNS = 200  # timed single-image invocations per form and thread count: median
 FORMS = "float32,float16,dynamic_int8,int8"  # the forms to make, comma-separated
 KERAS_ONE_THREAD = True  # also time Keras on 1 thread (a child process, ~10 s of CPU)
-CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in order
 FORM_DESCRIPTIONS = {
@@ -95,7 +95,7 @@ def find_runs(out_dir, chosen):
         else:
             hints.append(f"no finished {script} run in {Path(out_dir)}/ to export")
     if not runs:
-        raise training.DataError(
+        raise settings.DataError(
             f"no finished runs in {Path(out_dir)}/ to export; train one with "
             "python scratch_cnn.py or python transfer_mobilenetv2.py, or pass --run="
         )
@@ -106,12 +106,12 @@ def read_run(run_dir):
     """config.json of a finished run, with what rebuilding its data needs; else a
     DataError (exit 3) saying what is wrong."""
     if not (run_dir / "config.json").is_file():
-        raise training.DataError(
+        raise settings.DataError(
             f"{run_dir}: not a run folder (no config.json); runs are in "
             "OUT_DIR/<script>/<timestamp>/"
         )
     if not (run_dir / "metrics.json").is_file():
-        raise training.DataError(
+        raise settings.DataError(
             f"{run_dir}: that run has not finished (no metrics.json); finish it with "
             f"python <script>.py --resume={run_dir}"
         )
@@ -119,7 +119,7 @@ def read_run(run_dir):
         saved = json.loads((run_dir / "config.json").read_text())
         saved["config"]["IMG_SIZE"], saved["value_range"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise training.DataError(
+        raise settings.DataError(
             f"{run_dir / 'config.json'}: unreadable, or no IMG_SIZE or value_range; "
             "train that run again with the current scripts"
         ) from None
@@ -184,7 +184,7 @@ def convert(model, form, calibration):
             warnings.filterwarnings("ignore", "Statistics for quantized inputs")
             return converter.convert()
     except Exception as error:
-        raise training.DataError(
+        raise settings.DataError(
             f"the {form} conversion failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''})"
         ) from None
@@ -475,7 +475,7 @@ def chosen_forms(text):
     """The forms --forms names, in the table's order."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in FORM_DESCRIPTIONS]
-    training.require(
+    settings.require(
         names and not unknown,
         f"--forms takes a comma-separated list of {', '.join(FORM_DESCRIPTIONS)}; "
         f"got {text!r}",
@@ -487,8 +487,8 @@ def main(argv):
     config = training.configure(CONFIG, argv)
     chosen_forms(config["FORMS"])
     for name in ("CALIBRATION_IMAGES", "LATENCY_RUNS"):
-        training.require(config[name] > 0, f"--{name.lower()} must be positive")
-    training.require(config["WARMUP_RUNS"] >= 0, "--warmup_runs must be 0 or more")
+        settings.require(config[name] > 0, f"--{name.lower()} must be positive")
+    settings.require(config["WARMUP_RUNS"] >= 0, "--warmup_runs must be 0 or more")
     run_dirs, hints = find_runs(config["OUT_DIR"], config["RUN"])
     for hint in hints:
         print(hint)

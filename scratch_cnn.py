@@ -57,7 +57,7 @@ SEED = 0  # seeds the split, shuffling, augmentation and initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/scratch_cnn/<timestamp>/
 RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
 VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = a line per epoch and all TF notices
-CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPT = "scratch_cnn"
 VALUE_RANGE = (0.0, 1.0)  # inputs the network is trained on: pixels / 255

@@ -27,19 +27,6 @@ import tensorflow as tf
 
 import settings
 
-# The command line lives in settings.py (no TensorFlow there, so it answers first);
-# these names stay here too, for the scripts and tests that use them as training.*.
-from settings import (  # noqa: F401
-    EXIT_CONFIG,
-    EXIT_DATA,
-    ConfigError,
-    DataError,
-    article,
-    config_block,
-    parse_overrides,
-    require,
-)
-
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 
@@ -54,7 +41,7 @@ class Interrupted(Exception):
 def configure(defaults, argv, verbose=True):
     """A script's effective configuration: its config block with `argv` applied.
     Prints it, one setting a line, marking the overridden ones."""
-    config = parse_overrides(defaults, argv)
+    config = settings.parse_overrides(defaults, argv)
     if verbose:
         print_config(config, defaults)
     return config
@@ -73,10 +60,10 @@ def cli(main):
     program = Path(sys.argv[0]).name
     try:
         main(sys.argv[1:])
-    except ConfigError as error:
-        settings.fail(error, EXIT_CONFIG)
-    except DataError as error:
-        settings.fail(error, EXIT_DATA)
+    except settings.ConfigError as error:
+        settings.fail(error, settings.EXIT_CONFIG)
+    except settings.DataError as error:
+        settings.fail(error, settings.EXIT_DATA)
     except (Interrupted, KeyboardInterrupt) as error:
         print(f"{program}: {error or 'interrupted'}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -102,7 +89,7 @@ def new_run_dir(out_dir, script):
             return run_dir
         except FileExistsError:
             continue
-    raise ConfigError(f"cannot create a new run folder in {parent}")
+    raise settings.ConfigError(f"cannot create a new run folder in {parent}")
 
 
 def worker_dir(script, copy_of=None):
@@ -138,18 +125,18 @@ def run_to_resume(resume, out_dir, script):
     if resume == "last":
         unfinished = list_runs(out_dir, script, finished=False)
         if not unfinished:
-            raise ConfigError(
+            raise settings.ConfigError(
                 f"--resume=last: no unfinished run in {Path(out_dir) / script}"
             )
         run_dir = unfinished[-1]
     else:
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
-            raise ConfigError(
+            raise settings.ConfigError(
                 f"--resume={resume}: not a run folder (no config.json in it)"
             )
         if (run_dir / "metrics.json").is_file():
-            raise ConfigError(
+            raise settings.ConfigError(
                 f"--resume={resume}: that run has finished (metrics.json exists)"
             )
     check_resumable(run_dir, script)
@@ -163,11 +150,13 @@ def check_resumable(run_dir, script):
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
-        owner, settings = saved["script"], saved["config"]
+        owner, saved_config = saved["script"], saved["config"]
     except (OSError, ValueError, TypeError, KeyError) as error:
-        raise DataError(f"{path}: damaged ({type(error).__name__}); {cannot}") from None
-    if owner != script or not isinstance(settings, dict):
-        raise DataError(
+        raise settings.DataError(
+            f"{path}: damaged ({type(error).__name__}); {cannot}"
+        ) from None
+    if owner != script or not isinstance(saved_config, dict):
+        raise settings.DataError(
             f"{path}: a run of {owner}.py, not {script}.py; resume it with: "
             f"python {owner}.py --resume={run_dir}"
         )
@@ -179,20 +168,20 @@ def check_resumable(run_dir, script):
         except (OSError, zipfile.BadZipFile):
             damaged = "the archive"
         if damaged:
-            raise DataError(
+            raise settings.DataError(
                 f"{path}: damaged or truncated ({damaged} unreadable); {cannot}"
             )
     for path in sorted((run_dir / "backup").glob("*/training_metadata.json")):
         try:
             int(json.loads(path.read_text())["epoch"])
         except (OSError, ValueError, TypeError, KeyError):
-            raise DataError(f"{path}: damaged; {cannot}") from None
+            raise settings.DataError(f"{path}: damaged; {cannot}") from None
     for path in sorted((run_dir / "backup").glob("*/latest.weights.h5")):
         finite = weights_file_is_finite(path)
         if finite is None:
-            raise DataError(f"{path}: damaged or truncated; {cannot}")
+            raise settings.DataError(f"{path}: damaged or truncated; {cannot}")
         if not finite:
-            raise DataError(
+            raise settings.DataError(
                 f"{path}: holds NaN or inf weights (the run diverged); resuming would "
                 f"train on from them. Start a new run with a lower learning rate"
             )
@@ -226,7 +215,7 @@ def resumed_config(
         for name in config
         if name not in may_change and config[name] != defaults[name]
     ]
-    require(
+    settings.require(
         not changed,
         f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
     )
@@ -321,7 +310,7 @@ def cluster_task():
         cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
         workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
     except (ValueError, AttributeError, TypeError) as error:
-        raise ConfigError(
+        raise settings.ConfigError(
             f"TF_CONFIG must be JSON with a cluster and a task, as the README's "
             f"'Training on several machines' shows ({error})"
         ) from None
@@ -701,7 +690,7 @@ def fit(
             if done
             else f"it had finished no epoch ({run_dir})"
         )
-        raise ConfigError(
+        raise settings.ConfigError(
             f"training diverged in epoch {diverged.epoch + 1} (NaN or inf); {kept}. "
             f"Start a new run with a lower learning rate"
         ) from None
@@ -709,15 +698,15 @@ def fit(
 
 def load_checkpoint(run_dir):
     """A finished run's model.keras, for predictions (not compiled); a missing or
-    unreadable file is a DataError naming it, in one line."""
+    unreadable file is a settings.DataError naming it, in one line."""
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
-        raise DataError(f"{path}: missing; train that run again")
+        raise settings.DataError(f"{path}: missing; train that run again")
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # zip, HDF5 and deserialisation errors all land here
         reason = str(error).splitlines()[0] if str(error) else ""
-        raise DataError(
+        raise settings.DataError(
             f"{path}: cannot be loaded ({type(error).__name__}: {reason})"
         ) from None
 

@@ -66,7 +66,7 @@ SEED = 0  # seeds the split, shuffling, augmentation and the initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/transfer_mobilenetv2/<timestamp>/
 RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
 VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = a line per epoch and all TF notices
-CONFIG = training.config_block(globals())  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPT = "transfer_mobilenetv2"
 # MobileNetV2's own preprocess_input range: its ImageNet weights were trained on
@@ -123,7 +123,7 @@ def resolve_weights(weights, image_size):
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise training.DataError(
+            raise settings.DataError(
                 f"--weights={weights}: no such file; expected a MobileNetV2 base "
                 f"weights file (.h5 or .weights.h5). Choices: {choices}"
             )
@@ -141,7 +141,7 @@ def resolve_weights(weights, image_size):
     except Exception as error:  # urllib, HTTP and proxy errors all land here
         # Keras words it "URL fetch failure on <url>: <code> -- <reason>".
         reason = str(error).rsplit(" -- ", 1)[-1][:100] or type(error).__name__
-        raise training.DataError(
+        raise settings.DataError(
             f"the MobileNetV2 ImageNet weights are not cached and the download "
             f"failed ({reason}).\nPut {name} from {IMAGENET_URL} in {models_dir}/, "
             f"or pass {choices} (PATH: that file)"
@@ -167,7 +167,7 @@ def build_model(image_size, weights, dropout, num_classes=data.NUM_CLASSES):
             if weights is None:
                 raise
             reason = (str(error).strip().splitlines() or [""])[0][:160]
-            raise training.DataError(
+            raise settings.DataError(
                 f"--weights={weights}: cannot load it into MobileNetV2 without its top "
                 f"({type(error).__name__}: {reason}); expected one of Keras's "
                 f"mobilenet_v2_weights_*_1.0_*_no_top.h5 or a .weights.h5 saved from "
@@ -267,7 +267,7 @@ def main(argv):
             config["DROPOUT"],
             num_classes=len(pipelines.class_names),
         )
-        training.require(
+        settings.require(
             config["FREEZE_FIRST"] <= len(base.layers),
             f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
         )

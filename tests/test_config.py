@@ -9,9 +9,10 @@ import pytest
 from conftest import own_stderr_lines, run_script
 
 import data
+import settings
 import training
 
-DEFAULTS = training.config_block(
+DEFAULTS = settings.config_block(
     {
         "EPOCHS": 10,
         "LEARNING_RATE": 1e-3,
@@ -26,7 +27,7 @@ DEFAULTS = training.config_block(
 
 
 def parse(*argv):
-    return training.parse_overrides(DEFAULTS, list(argv))
+    return settings.parse_overrides(DEFAULTS, list(argv))
 
 
 # ---------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def test_a_bare_flag_sets_a_boolean(argv, value):
 
 
 def test_a_bare_flag_takes_no_value_but_true_or_false():
-    with pytest.raises(training.ConfigError, match="got '1'"):
+    with pytest.raises(settings.ConfigError, match="got '1'"):
         parse("--augment_flip", "1")  # "1" is not the flag's: a stray argument
 
 
@@ -146,7 +147,7 @@ def test_configure_prints_every_setting_and_marks_overrides(capsys):
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(training.ConfigError) as error:
+    with pytest.raises(settings.ConfigError) as error:
         parse("--epoch=3")
     message = str(error.value)
     assert "unknown setting --epoch " in message
@@ -159,7 +160,7 @@ def test_unknown_name_lists_the_valid_ones():
     ):
         assert name in message
     for not_a_setting in ("class_names", "lower_case", "mixed"):
-        with pytest.raises(training.ConfigError, match="unknown setting"):
+        with pytest.raises(settings.ConfigError, match="unknown setting"):
             parse(f"--{not_a_setting}=1")
 
 
@@ -179,15 +180,15 @@ def test_unknown_name_lists_the_valid_ones():
 )
 def test_wrong_type_is_a_config_error(arg, expected):
     flag, text = arg.split("=", 1)
-    with pytest.raises(training.ConfigError) as error:
+    with pytest.raises(settings.ConfigError) as error:
         parse(arg)
-    assert f"{flag} takes {training.article(expected)}" in str(error.value)
+    assert f"{flag} takes {settings.article(expected)}" in str(error.value)
     assert repr(text) in str(error.value)
 
 
 @pytest.mark.parametrize("arg", ["epochs=3", "-epochs=3", "3", "--", ""])
 def test_malformed_argument_is_a_config_error(arg):
-    with pytest.raises(training.ConfigError) as error:
+    with pytest.raises(settings.ConfigError) as error:
         parse(arg)
     assert "expected --name=value" in str(error.value) and repr(arg) in str(error.value)
 
@@ -196,12 +197,12 @@ def test_malformed_argument_is_a_config_error(arg):
     "argv", [["--epochs"], ["--epochs", "--learning_rate=1"], ["--data_dir"]]
 )
 def test_a_name_without_its_value_is_a_config_error(argv):
-    with pytest.raises(training.ConfigError, match=f"{argv[0]} needs a value"):
+    with pytest.raises(settings.ConfigError, match=f"{argv[0]} needs a value"):
         parse(*argv)
 
 
 def test_a_value_literal_eval_chokes_on_is_still_a_config_error():
-    with pytest.raises(training.ConfigError):
+    with pytest.raises(settings.ConfigError):
         parse("--epochs={[]: 1}")
 
 

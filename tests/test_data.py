@@ -32,6 +32,7 @@ from conftest import (
 )
 
 import data
+import settings
 import training
 
 PER_BATCH, TEST_IMAGES = 60, 100  # what the cifar_dir and cifar_archive fixtures hold
@@ -260,7 +261,7 @@ def test_a_named_folder_without_cifar10_says_so(
 ):
     if origin == "CIFAR10_DIR":
         monkeypatch.setenv("CIFAR10_DIR", str(tmp_path))
-    with pytest.raises(training.DataError) as error:
+    with pytest.raises(settings.DataError) as error:
         data.load_cifar10(str(tmp_path) if origin == "--data_dir" else "")
     assert f"{origin}={tmp_path}" in str(error.value)
     assert "cifar-10-python.tar.gz" in str(error.value)
@@ -325,7 +326,7 @@ def test_truncated_batch_file_exits_3_naming_it(cifar_copy, monkeypatch, capsys)
 
 def test_missing_batch_file_is_named(cifar_copy, no_download):
     (cifar_copy / "test_batch").unlink()
-    with pytest.raises(training.DataError, match=r"test_batch: missing"):
+    with pytest.raises(settings.DataError, match=r"test_batch: missing"):
         data.load_cifar10(str(cifar_copy.parent))
 
 
@@ -350,7 +351,7 @@ def test_unreadable_archive_is_a_data_error(damage, cifar_archive, tmp_path, no_
     broken.write_bytes(
         b"<html>404</html>" if damage == "not_gzip" else raw[: len(raw) // 2]
     )
-    with pytest.raises(training.DataError) as error:
+    with pytest.raises(settings.DataError) as error:
         data.load_cifar10(str(broken))
     assert str(broken) in str(error.value) and "download it again" in str(error.value)
 
@@ -379,7 +380,7 @@ def test_a_pickle_that_calls_anything_but_numpy_is_refused(payload, tmp_path):
     good = batch_dict(*expected_cifar()[2:], "test_batch")
     raw = pickle.dumps({**good, b"data": payloads(marker)[payload]}, protocol=2)
     with pytest.raises(
-        training.DataError, match=r"evil_batch: not a CIFAR-10 batch file"
+        settings.DataError, match=r"evil_batch: not a CIFAR-10 batch file"
     ):
         data.parse_batch(raw, "evil_batch")
     assert not marker.exists()
@@ -487,7 +488,7 @@ def bad_batch(problem):
 def test_invalid_batch_contents_name_file_and_problem(problem, says, cifar_copy):
     path = cifar_copy / "data_batch_1"
     write_raw_batch(path, bad_batch(problem))
-    with pytest.raises(training.DataError) as error:
+    with pytest.raises(settings.DataError) as error:
         data.read_cifar10(cifar_copy)
     assert str(error.value).startswith(f"{path}: ")
     assert re.search(says, str(error.value)), str(error.value)
@@ -500,7 +501,8 @@ def test_invalid_batch_inside_an_archive_names_archive_and_member(tmp_path, no_d
     archive.unlink()
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
-    with pytest.raises(training.DataError, match=r"tar\.gz:test_batch: labels must lie"):
+    match = r"tar\.gz:test_batch: labels must lie"
+    with pytest.raises(settings.DataError, match=match):
         data.load_cifar10(str(archive))
 
 
@@ -558,14 +560,14 @@ def test_train_images_takes_a_stratified_seeded_subset_before_the_split():
 @pytest.mark.parametrize("val_fraction", [0, 1, -0.1, 1.5, 0.01])
 def test_bad_val_fraction_is_a_config_error(val_fraction):
     """0.01 of 300 images is 3: too few to hold every class."""
-    with pytest.raises(training.ConfigError, match=r"--val_fraction"):
+    with pytest.raises(settings.ConfigError, match=r"--val_fraction"):
         data.split(indexed_images(300), shuffled_labels(300), val_fraction, seed=0)
 
 
 @pytest.mark.parametrize("train_images", [-5, 5])
 def test_bad_train_images_is_a_config_error(train_images):
     """5 images cannot hold one of each of 10 classes."""
-    with pytest.raises(training.ConfigError):
+    with pytest.raises(settings.ConfigError):
         data.split(indexed_images(300), shuffled_labels(300), 0.1, 0, train_images)
 
 

@@ -15,6 +15,7 @@ from conftest import own_stderr_lines, run_script
 
 import data
 import evaluate
+import settings
 import training
 
 SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")
@@ -201,7 +202,7 @@ def test_no_runs_exit_3_naming_both_commands(tmp_path):
     result = run_script(
         "evaluate.py", f"--out_dir={tmp_path}", f"--plots_dir={tmp_path / 'plots'}"
     )
-    assert result.returncode == training.EXIT_DATA, result.stderr
+    assert result.returncode == settings.EXIT_DATA, result.stderr
     assert "Traceback" not in result.stderr
     lines = own_stderr_lines(result.stderr)
     assert 1 <= len(lines) <= 2, lines
@@ -211,14 +212,14 @@ def test_no_runs_exit_3_naming_both_commands(tmp_path):
 
 
 def test_a_folder_that_is_no_finished_run_is_refused(scratch_run, transfer_run, tmp_path):
-    with pytest.raises(training.ConfigError, match="not a run folder"):
+    with pytest.raises(settings.ConfigError, match="not a run folder"):
         evaluate.main([f"--scratch_run={tmp_path}"])
-    with pytest.raises(training.ConfigError, match="--transfer_run="):
+    with pytest.raises(settings.ConfigError, match="--transfer_run="):
         evaluate.main([f"--scratch_run={transfer_run}"])
     unfinished = tmp_path / "unfinished"
     shutil.copytree(scratch_run, unfinished)
     (unfinished / "metrics.json").unlink()
-    with pytest.raises(training.ConfigError, match="--resume="):
+    with pytest.raises(settings.ConfigError, match="--resume="):
         evaluate.main([f"--scratch_run={unfinished}"])
 
 

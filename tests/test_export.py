@@ -13,6 +13,7 @@ from conftest import own_stderr_lines, run_script
 
 import evaluate
 import export
+import settings
 import training
 
 FORMS = ("float32", "float16", "dynamic_int8", "int8")
@@ -133,7 +134,7 @@ def test_a_model_that_does_not_load_exits_3_and_writes_nothing(scratch_run, tmp_
     (run_dir / "export" / "float32.tflite").write_bytes(b"an earlier export")
     before = sorted(str(path) for path in run_dir.rglob("*"))
     result = run_script("export.py", f"--run={run_dir}", *QUICK)
-    assert result.returncode == training.EXIT_DATA
+    assert result.returncode == settings.EXIT_DATA
     lines = own_stderr_lines(result.stderr)
     assert len(lines) == 1 and "model.keras: cannot be loaded" in lines[0], lines
     assert sorted(str(path) for path in run_dir.rglob("*")) == before
@@ -154,7 +155,7 @@ def test_a_folder_that_is_no_finished_run_exits_3(
         monkeypatch.setattr(sys, "argv", ["export.py", f"--run={folder}"])
         with pytest.raises(SystemExit) as stopped:
             training.cli(export.main)
-        assert stopped.value.code == training.EXIT_DATA
+        assert stopped.value.code == settings.EXIT_DATA
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and says in error[0], error
         assert sorted(folder.rglob("*")) == before
@@ -170,11 +171,13 @@ def test_an_existing_export_survives_a_failed_export(
     def float16_fails(model, form, calibration):
         # After float32 has converted and been written into the new folder.
         if form == "float16":
-            raise training.DataError("the float16 conversion failed (made to by a test)")
+            raise settings.DataError(
+                "the float16 conversion failed (made to by a test)"
+            )
         return convert(model, form, calibration)
 
     monkeypatch.setattr(export, "convert", float16_fails)
-    with pytest.raises(training.DataError, match="float16 conversion failed"):
+    with pytest.raises(settings.DataError, match="float16 conversion failed"):
         export.main([f"--run={run_dir}", f"--data_dir={cifar_dir}", *QUICK])
     after = {path.name: path.read_bytes() for path in (run_dir / "export").iterdir()}
     assert after == before

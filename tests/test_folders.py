@@ -18,6 +18,7 @@ from PIL import Image
 import data
 import evaluate
 import scratch_cnn
+import settings
 import training
 import transfer_mobilenetv2
 
@@ -215,7 +216,7 @@ def expect_data_error(root, tmp_path, *needles):
     """scratch_cnn.main on `root` stops with a DataError (exit code 3 from the
     command line) of one or two lines holding `needles`, before writing anything."""
     out = tmp_path / "out"
-    with pytest.raises(training.DataError) as error:
+    with pytest.raises(settings.DataError) as error:
         scratch_cnn.main([f"--data_dir={root}", f"--out_dir={out}", "--epochs=1"])
     message = str(error.value)
     assert 1 <= len(message.splitlines()) <= 2, message
@@ -259,7 +260,7 @@ def test_corrupt_image_is_named_before_training_exit_3(tmp_path):
     result = run_script(
         "scratch_cnn.py", f"--data_dir={tmp_path}", f"--out_dir={out}", "--epochs=1"
     )
-    assert result.returncode == training.EXIT_DATA, result.stderr
+    assert result.returncode == settings.EXIT_DATA, result.stderr
     lines = own_stderr_lines(result.stderr)
     assert len(lines) == 1 and f"{bad}: not a readable image" in lines[0], lines
     assert not out.exists()

@@ -24,6 +24,7 @@ import pytest
 from conftest import OFFLINE_ENV, REPO, TINY_RUN, own_stderr_lines, run_script
 
 import scratch_cnn
+import settings
 import training
 import transfer_mobilenetv2 as transfer
 
@@ -212,7 +213,7 @@ def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
         *SHORT_EPOCHS,
         *TINY_RUN,
     ]  # fmt: skip
-    with pytest.raises(training.ConfigError, match="diverged in epoch 2") as error:
+    with pytest.raises(settings.ConfigError, match="diverged in epoch 2") as error:
         transfer.main(args)
     assert "after epoch 1, the last finite one" in str(error.value)
     assert "lower learning rate" in str(error.value)
@@ -229,7 +230,7 @@ def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
         assert not (run_dir / "metrics.json").exists()
 
     assert_last_finite_state()
-    with pytest.raises(training.ConfigError, match="diverged in epoch 2"):
+    with pytest.raises(settings.ConfigError, match="diverged in epoch 2"):
         transfer.main([f"--resume={run_dir}", "--verbose=0"])
     assert_last_finite_state()
 
@@ -378,7 +379,7 @@ def test_resume_refuses_a_damaged_run_naming_the_file(damage, unfinished_run):
     spoil(unfinished_run / name)
     before = fingerprint(unfinished_run)
     for resume in (unfinished_run, "last"):
-        with pytest.raises(training.DataError, match=says) as error:
+        with pytest.raises(settings.DataError, match=says) as error:
             scratch_cnn.main(
                 [f"--resume={resume}", f"--out_dir={unfinished_run.parent.parent}"]
             )

@@ -14,6 +14,7 @@ import pytest
 from conftest import OFFLINE_ENV, REPO, TINY_RUN, own_stderr_lines, run_script
 
 import scratch_cnn
+import settings
 import training
 
 
@@ -108,7 +109,7 @@ def test_second_run_leaves_the_first_untouched(second_run):
 
 
 def test_failing_run_creates_nothing(tmp_path):
-    with pytest.raises(training.DataError):
+    with pytest.raises(settings.DataError):
         scratch_cnn.main([f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path}"])
     assert not (tmp_path / "scratch_cnn").exists() or not any(
         (tmp_path / "scratch_cnn").iterdir()
@@ -135,13 +136,13 @@ def test_interrupted_run_resumes_at_the_next_epoch(cifar_dir, tmp_path, monkeypa
     assert not (run_dir / "metrics.json").exists()
 
     monkeypatch.undo()
-    with pytest.raises(training.ConfigError, match="keeps its saved settings"):
+    with pytest.raises(settings.ConfigError, match="keeps its saved settings"):
         scratch_cnn.main(["--resume=last", f"--out_dir={tmp_path}", "--epochs=5"])
     resumed = scratch_cnn.main(["--resume=last", f"--out_dir={tmp_path}", "--verbose=0"])
     assert resumed == run_dir
     assert [row["epoch"] for row in training.read_history(run_dir)] == [0, 1, 2]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
-    with pytest.raises(training.ConfigError, match="finished"):
+    with pytest.raises(settings.ConfigError, match="finished"):
         scratch_cnn.main([f"--resume={run_dir}"])
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import TINY_RUN, own_stderr_lines, run_script
 
 import data
+import settings
 import training
 import transfer_mobilenetv2 as transfer
 
@@ -185,11 +186,11 @@ def test_weights_file_saved_from_one_model_loads_into_another(tmp_path):
 
 def test_bad_weights_files_exit_3(tmp_path):
     choices = re.escape("--weights=imagenet|PATH|none")
-    with pytest.raises(training.DataError, match=choices):
+    with pytest.raises(settings.DataError, match=choices):
         transfer.resolve_weights(str(tmp_path / "missing.h5"), image_size=96)
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an HDF5 file")
-    with pytest.raises(training.DataError, match="cannot load it into MobileNetV2"):
+    with pytest.raises(settings.DataError, match="cannot load it into MobileNetV2"):
         transfer.build_model(32, str(garbage), dropout=0.2)
 
 
@@ -208,7 +209,7 @@ def test_imagenet_size_is_checked_before_any_download(cifar_dir, monkeypatch):
 
     monkeypatch.setattr(keras.utils, "get_file", no_download)
     monkeypatch.setattr(data, "load_cifar10", no_download)
-    with pytest.raises(training.ConfigError, match="96, 128, 160, 192, 224"):
+    with pytest.raises(settings.ConfigError, match="96, 128, 160, 192, 224"):
         transfer.main([f"--data_dir={cifar_dir}", "--weights=imagenet", "--img_size=100"])
 
 
@@ -222,7 +223,7 @@ def test_offline_imagenet_without_cache_exits_3_naming_the_file(cifar_dir, tmp_p
         f"--out_dir={tmp_path / 'runs'}",
         env={"KERAS_HOME": str(keras_home)},
     )
-    assert result.returncode == training.EXIT_DATA, result.stderr
+    assert result.returncode == settings.EXIT_DATA, result.stderr
     lines = own_stderr_lines(result.stderr)
     assert 1 <= len(lines) <= 2, lines
     message = "\n".join(lines)
@@ -234,9 +235,9 @@ def test_offline_imagenet_without_cache_exits_3_naming_the_file(cifar_dir, tmp_p
 
 
 def test_settings_that_cannot_work_exit_2():
-    with pytest.raises(training.ConfigError, match="nothing to train"):
+    with pytest.raises(settings.ConfigError, match="nothing to train"):
         transfer.main(["--head_epochs=0", "--fine_tune_epochs=0"])
-    with pytest.raises(training.ConfigError, match="--img_size"):
+    with pytest.raises(settings.ConfigError, match="--img_size"):
         transfer.main(["--weights=none", "--img_size=16"])
 
 
