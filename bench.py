@@ -12,8 +12,9 @@ It makes its own CIFAR-10-shaped data (random uint8, no download) and measures:
 4. peak memory of a training process holding a full-size 50,000-image set;
 5. the naive way for the same model: its rate, peak memory and the ratios to ours.
 MobileNetV2 is timed in its fine-tuning phase (the base trainable but its first layers
-and BatchNorm), from random weights. On a GPU it is also timed with mixed precision
-and XLA on and off.
+and BatchNorm), from random weights, and in its random start (--weights=none: every
+layer and BatchNorm's batch statistics train). On a GPU it is also timed with mixed
+precision and XLA on and off.
 
 Each training case runs in a child process of its own. Its peak memory is the kernel's
 high-water mark of that process's resident set (VmHWM in /proc/self/status), read by
@@ -214,10 +215,11 @@ def pipeline_rate(dataset, batch_size, warmup_batches, batches):
 # Model: each script's own builder, optimizer and loss
 
 
-def build_for_training(script, schedule_steps, jit_compile):
+def build_for_training(script, schedule_steps, jit_compile, random_start=False):
     """The script's model compiled as its (most expensive) training phase trains it:
-    all of the scratch CNN; MobileNetV2 fine-tuning, from random weights. The
-    learning-rate schedule spans `schedule_steps`; its shape costs no time."""
+    all of the scratch CNN; MobileNetV2 fine-tuning, from random weights, or with
+    `random_start` as --weights=none trains it. The learning-rate schedule spans
+    `schedule_steps`; its shape costs no time."""
     config = script.CONFIG
     if script is scratch_cnn:
         model = scratch_cnn.build_model(
@@ -244,11 +246,16 @@ def build_for_training(script, schedule_steps, jit_compile):
     model, base = transfer_mobilenetv2.build_model(
         config["IMG_SIZE"], None, config["DROPOUT"]
     )
-    transfer_mobilenetv2.unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
+    if random_start:
+        transfer_mobilenetv2.unfreeze_all(
+            base, config["RANDOM_START_BATCHNORM_MOMENTUM"]
+        )
+    else:
+        transfer_mobilenetv2.unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
     training.compile_model(
         model,
         transfer_mobilenetv2.make_fine_tune_optimizer(
-            config["FINE_TUNE_LR"],
+            config["RANDOM_START_LR" if random_start else "FINE_TUNE_LR"],
             config["WEIGHT_DECAY"],
             warmup_steps=0,
             total_steps=schedule_steps,
@@ -339,16 +346,19 @@ def measure_rates(model, datasets, batch_size, timing):
 # Cases, each run by a child process: python bench.py --case=KIND:SCRIPT[:MIXED:XLA]
 
 
-def streaming_case(script, config):
+def streaming_case(script, config, random_start=False):
     """Ours: the full-size uint8 set in memory and the model trained through the
     script's data.make_dataset pipeline (end to end), and on one batch of it
-    repeated from memory (compute only)."""
+    repeated from memory (compute only). `random_start`: MobileNetV2 as
+    --weights=none trains it."""
     run = sizes(config)
     batch_size = run["batch_size"][script.SCRIPT]
     images, labels = random_cifar(run["images"], config["SEED"])
     pipeline = training_pipeline(script, images, labels, batch_size, config["SEED"])
     fixed = tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat()
-    model = build_for_training(script, total_steps(run), script.CONFIG["JIT_COMPILE"])
+    model = build_for_training(
+        script, total_steps(run), script.CONFIG["JIT_COMPILE"], random_start
+    )
     # The pipeline first: the step is traced once for its batch of unknown size,
     # and the fixed batch, of known size, runs that same traced step.
     rates = measure_rates(
@@ -361,6 +371,7 @@ def streaming_case(script, config):
         "compute": rates["compute"],
         "end_to_end": rates["end_to_end"],
         "params": int(model.count_params()),
+        "trainable_params": transfer_mobilenetv2.count_trainable(model),
     }
 
 
@@ -422,9 +433,14 @@ def run_case(case, config):
     """Child side: run one case and print its result as the last stdout line."""
     kind, script_name, *options = case.split(":")
     settings.require(
-        kind in ("streaming", "naive", "precision") and script_name in SCRIPTS,
-        f"--case={case}: expected streaming|naive|precision:SCRIPT, SCRIPT one of "
-        f"{', '.join(SCRIPTS)}",
+        kind in ("streaming", "naive", "precision", "random_start")
+        and script_name in SCRIPTS,
+        f"--case={case}: expected streaming|naive|precision|random_start:SCRIPT, "
+        f"SCRIPT one of {', '.join(SCRIPTS)}",
+    )
+    settings.require(
+        kind != "random_start" or script_name == transfer_mobilenetv2.SCRIPT,
+        f"--case={case}: a random start is MobileNetV2's (--weights=none) alone",
     )
     script = SCRIPTS[script_name]
     # Memory as it is needed, not all of it at once: under --quick two cases share
@@ -433,8 +449,8 @@ def run_case(case, config):
         tf.config.experimental.set_memory_growth(gpu, True)
     training.seed_everything(config["SEED"])
     start = time.perf_counter()
-    if kind == "streaming":
-        result = streaming_case(script, config)
+    if kind in ("streaming", "random_start"):
+        result = streaming_case(script, config, random_start=kind == "random_start")
     elif kind == "naive":
         result = naive_case(script, config)
     else:
@@ -606,6 +622,8 @@ def make_rows(config, run, pipeline, cases, gpu_cases):
         for script_name, script in SCRIPTS.items():
             transfer = script is transfer_mobilenetv2
             ours, naive = cases[f"streaming:{script_name}"], cases[f"naive:{script_name}"]
+            # MobileNetV2 from random weights, as --weights=none trains it.
+            random_start = cases.get(f"random_start:{script_name}")
             facts = {
                 "image_size": script.CONFIG["IMG_SIZE"],
                 "batch_size": run["batch_size"][script_name],
@@ -623,6 +641,12 @@ def make_rows(config, run, pipeline, cases, gpu_cases):
                     2, "training, compute only (one batch from memory)", script_name,
                     rate(ours, "compute"), "images/s", id=f"compute_{script_name}", **facts,
                 )  # fmt: skip
+                if random_start:
+                    row(
+                        2, "random start (--weights=none), compute only", script_name,
+                        rate(random_start, "compute"), "images/s",
+                        id=f"compute_random_start_{script_name}", **facts,
+                    )  # fmt: skip
             elif step == 3:
                 row(
                     3, "training, end to end (data.py pipeline)", script_name,
@@ -636,6 +660,12 @@ def make_rows(config, run, pipeline, cases, gpu_cases):
                     config["TARGET_END_TO_END_SHARE"],
                     id=f"end_to_end_share_{script_name}", **facts,
                 )  # fmt: skip
+                if random_start:
+                    row(
+                        3, "random start (--weights=none), end to end", script_name,
+                        rate(random_start, "end_to_end"), "images/s",
+                        id=f"end_to_end_random_start_{script_name}", **facts,
+                    )  # fmt: skip
             elif step == 4:
                 row(
                     4, f"peak memory, training on {run['images']:,} images"
@@ -643,6 +673,15 @@ def make_rows(config, run, pipeline, cases, gpu_cases):
                     config["TARGET_MEMORY_GB"] if transfer else None, at_least=False,
                     lower_bound=stopped["ours"], id=f"peak_memory_{script_name}", images=run["images"], **facts,
                 )  # fmt: skip
+                if random_start:
+                    row(
+                        4, "random start (--weights=none), peak memory"
+                        + (" (at least)" if random_start["stopped_at_limit"] else ""),
+                        script_name, random_start["peak_rss_bytes"] / GB, "GB",
+                        lower_bound=random_start["stopped_at_limit"],
+                        id=f"peak_memory_random_start_{script_name}",
+                        images=run["images"], **facts,
+                    )  # fmt: skip
             else:
                 fallback = naive.get("fallback", {})
                 row(
@@ -792,7 +831,8 @@ def main(argv):
     at_once = config["QUICK_CASES_AT_ONCE"] if config["QUICK"] else 1
     # The MobileNetV2 cases first: under --quick the slow ones then run side by side.
     cases = run_cases(
-        [
+        [f"random_start:{transfer_mobilenetv2.SCRIPT}"]
+        + [
             f"{kind}:{script_name}"
             for script_name in reversed(SCRIPTS)
             for kind in ("streaming", "naive")

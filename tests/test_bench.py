@@ -28,12 +28,15 @@ ROW_IDS = {
             "memory_saving",
         )
     ),
+    "compute_random_start_transfer_mobilenetv2",
+    "end_to_end_random_start_transfer_mobilenetv2",
+    "peak_memory_random_start_transfer_mobilenetv2",
 }
 CASES = {
     f"{kind}:{script}"
     for kind in ("streaming", "naive")
     for script in ("scratch_cnn", "transfer_mobilenetv2")
-}
+} | {"random_start:transfer_mobilenetv2"}
 TARGETED = {
     "end_to_end_scratch_cnn",
     "end_to_end_share_scratch_cnn",
@@ -112,6 +115,18 @@ def test_peak_memory_comes_from_one_child_process_per_case(quick_bench):
     # holds uint8 at 32 px.
     naive = cases["naive:transfer_mobilenetv2"]
     assert naive["array_bytes"] == report["sizes"]["images"] * 96 * 96 * 3 * 4
+    # The random start trains what fine-tuning keeps frozen: the first layers and
+    # BatchNorm's scale and shift; only BatchNorm's moving statistics stay out.
+    random_start = cases["random_start:transfer_mobilenetv2"]
+    fine_tuning = cases["streaming:transfer_mobilenetv2"]
+    assert random_start["params"] == fine_tuning["params"]
+    assert random_start["trainable_params"] > fine_tuning["trainable_params"]
+    moving_statistics = random_start["params"] - random_start["trainable_params"]
+    assert 0 < moving_statistics < 0.02 * random_start["params"]
+    assert (
+        rows["peak_memory_random_start_transfer_mobilenetv2"]["value"]
+        == random_start["peak_rss_bytes"] / 1e9
+    )
     assert (
         naive["peak_rss_bytes"]
         > cases["streaming:transfer_mobilenetv2"]["peak_rss_bytes"]
@@ -215,6 +230,10 @@ def test_rows_judge_full_runs_and_use_the_naive_fallback_rate():
                 "naive": {"images_per_second": 30.0},
             },
         },
+        "random_start:transfer_mobilenetv2": {
+            "stopped_at_limit": True,
+            "peak_rss_bytes": 3e9,
+        },
     }
     pipeline = {"scratch_cnn": 9000.0, "transfer_mobilenetv2": 5000.0}
     rows = {
@@ -233,6 +252,10 @@ def test_rows_judge_full_runs_and_use_the_naive_fallback_rate():
     assert rows["memory_saving_transfer_mobilenetv2"]["value"] == 8.0
     assert rows["memory_saving_transfer_mobilenetv2"]["status"] == "met"
     assert rows["memory_saving_scratch_cnn"]["status"] == ""  # no target set
+    # The random start, stopped at the limit: no rates, a peak that is a lower bound.
+    assert rows["end_to_end_random_start_transfer_mobilenetv2"]["value"] is None
+    peak = rows["peak_memory_random_start_transfer_mobilenetv2"]
+    assert peak["value"] == 3.0 and peak["lower_bound"] and "at least" in peak["measure"]
     assert "| 5 | ours / naive, training rate | MobileNetV2 | 96 |" in bench.format_table(
         list(rows.values())
     )
