@@ -226,13 +226,16 @@ def resumed_config(
 def configure_run(defaults, argv, script):
     """(config, run_dir) for a training script: its configuration with `argv`
     applied and, with --resume, the saved configuration of the run folder to go
-    on with; run_dir is None for a new run, made once the data and model are ready."""
-    config = configure(defaults, argv)
+    on with; run_dir is None for a new run, made once the data and model are ready.
+    Prints the settings that apply: on a resume, the run's saved ones."""
+    config = configure(defaults, argv, verbose=False)
     if not config["RESUME"]:
+        print_config(config, defaults)
         return config, None
     run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
-    print(f"resuming {run_dir}")
     config = resumed_config(run_dir, config, defaults)
+    print(f"resuming {run_dir} with its saved settings:")
+    print_config(config, defaults)
     if not cluster_task()[1]:  # a worker goes on from a copy; the chief writes
         run_dir = worker_dir(script, copy_of=run_dir)
     return config, run_dir

@@ -116,9 +116,11 @@ def test_failing_run_creates_nothing(tmp_path):
     )
 
 
-def test_interrupted_run_resumes_at_the_next_epoch(cifar_dir, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_at_the_next_epoch(
+    cifar_dir, tmp_path, monkeypatch, capsys
+):
     """Ctrl-C after epoch 2 of 3 keeps checkpoint and history; --resume runs only
-    epoch 3 and ends at the same total."""
+    epoch 3, ends at the same total, and prints the saved settings it goes on with."""
     end_of_epoch = training.History.on_epoch_end
 
     def interrupt_after_second_epoch(self, epoch, logs=None):
@@ -138,8 +140,11 @@ def test_interrupted_run_resumes_at_the_next_epoch(cifar_dir, tmp_path, monkeypa
     monkeypatch.undo()
     with pytest.raises(settings.ConfigError, match="keeps its saved settings"):
         scratch_cnn.main(["--resume=last", f"--out_dir={tmp_path}", "--epochs=5"])
+    capsys.readouterr()
     resumed = scratch_cnn.main(["--resume=last", f"--out_dir={tmp_path}", "--verbose=0"])
     assert resumed == run_dir
+    shown = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["epochs", "=", "3", "(set)"] in shown and ["width", "=", "8", "(set)"] in shown
     assert [row["epoch"] for row in training.read_history(run_dir)] == [0, 1, 2]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
     with pytest.raises(settings.ConfigError, match="finished"):
