@@ -175,12 +175,15 @@ def read_script(path):
     path = Path(path)
     source = path.read_text()
     tree = ast.parse(source, str(path))
-    comments = {
-        token.start[0]: token.string.lstrip("#").strip()
+    tokens = [
+        token
         for token in tokenize.generate_tokens(io.StringIO(source).readline)
         if token.type == tokenize.COMMENT
+    ]
+    comments = {token.start[0]: token.string.lstrip("#").strip() for token in tokens}
+    comment_lines = {  # lines holding nothing but a comment
+        token.start[0] for token in tokens if not token.line[: token.start[1]].strip()
     }
-    source_lines = source.splitlines()
     settings, constants, check, complete = {}, {}, None, True
     in_block = True
     for node in tree.body:
@@ -206,11 +209,10 @@ def read_script(path):
         if in_block and type(value) in SCALARS:
             lines = range(node.lineno, node.end_lineno + 1)
             comment = " ".join(comments[line] for line in lines if line in comments)
-            more = []
-            for line in source_lines[node.end_lineno :]:
-                if not line.lstrip().startswith("#"):
-                    break
-                more.append(line.lstrip().lstrip("#").strip())
+            more, line = [], node.end_lineno + 1  # comment lines right below go on
+            while line in comment_lines:
+                more.append(comments[line])
+                line += 1
             settings[name] = Setting(value, comment, tuple(more))
     if check is not None:
         check = _compile_function(check, path, constants)
