@@ -371,7 +371,7 @@ def streaming_case(script, config, random_start=False):
         "compute": rates["compute"],
         "end_to_end": rates["end_to_end"],
         "params": int(model.count_params()),
-        "trainable_params": transfer_mobilenetv2.count_trainable(model),
+        "trainable_params": training.count_trainable(model),
     }
 
 

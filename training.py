@@ -445,6 +445,11 @@ class Diverged(Exception):
         self.epoch = epoch
 
 
+def count_trainable(model):
+    """Parameters the optimizer updates: those of the model's trainable weights."""
+    return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
+
+
 def all_finite(variables):
     return all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in variables)
 

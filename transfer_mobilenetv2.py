@@ -234,11 +234,6 @@ def make_fine_tune_optimizer(learning_rate, weight_decay, warmup_steps, total_st
     return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
 
 
-def count_trainable(model):
-    """Parameters the optimizer updates in the current phase."""
-    return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
-
-
 # ---------------------------------------------------------------------------------
 # Train
 
@@ -329,7 +324,7 @@ def main(argv):
             )
         print(
             f"phase 1, head: {head_epochs} epochs, base frozen, "
-            f"{count_trainable(model):,} trainable parameters"
+            f"{training.count_trainable(model):,} trainable parameters"
         )
         # On a resumed run whose head phase is done, this restores its last epoch
         # from backup/head and trains no further.
@@ -357,13 +352,13 @@ def main(argv):
         if random_start:
             print(
                 f"random start: {config['FINE_TUNE_EPOCHS']} epochs, every layer "
-                f"trainable, {count_trainable(model):,} trainable parameters"
+                f"trainable, {training.count_trainable(model):,} trainable parameters"
             )
         else:
             print(
                 f"phase 2, fine-tune: {config['FINE_TUNE_EPOCHS']} epochs, first "
                 f"{config['FREEZE_FIRST']} base layers and BatchNorm frozen, "
-                f"{count_trainable(model):,} trainable parameters"
+                f"{training.count_trainable(model):,} trainable parameters"
             )
         training.fit(
             model, pipelines.train, pipelines.validation, run_dir,
