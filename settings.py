@@ -70,6 +70,12 @@ def fail(message, exit_code):
     sys.exit(exit_code)
 
 
+def stop_as_ctrl_c(signum, frame):
+    """A SIGTERM handler: `kill`, a scheduler's or `timeout`'s stop raises
+    KeyboardInterrupt, so a run stops the way Ctrl-C stops it."""
+    raise KeyboardInterrupt
+
+
 # ---------------------------------------------------------------------------------
 # Overrides: --name=value, --name value, or a bare --flag for a boolean
 
@@ -175,14 +181,18 @@ def read_script(path):
     path = Path(path)
     source = path.read_text()
     tree = ast.parse(source, str(path))
-    tokens = [
+    comment_tokens = [
         token
         for token in tokenize.generate_tokens(io.StringIO(source).readline)
         if token.type == tokenize.COMMENT
     ]
-    comments = {token.start[0]: token.string.lstrip("#").strip() for token in tokens}
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip() for token in comment_tokens
+    }
     comment_lines = {  # lines holding nothing but a comment
-        token.start[0] for token in tokens if not token.line[: token.start[1]].strip()
+        token.start[0]
+        for token in comment_tokens
+        if not token.line[: token.start[1]].strip()
     }
     settings, constants, check, complete = {}, {}, None, True
     in_block = True

@@ -49,7 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from settings import ConfigError, parse_value, read_script
+from settings import ConfigError, parse_value, read_script, stop_as_ctrl_c
 
 # ---------------------------------------------------------------------------------
 # Config (python study.py ... --name=value overrides any of these)
@@ -471,10 +471,6 @@ def last_error(path, offset):
 
 class Interrupted(Exception):
     pass
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def run_point(point, fd):
@@ -1057,7 +1053,7 @@ def main(argv):
         commands(study, points)
         return 0
     check_metric(study, points)
-    signal.signal(signal.SIGTERM, raise_interrupt)  # a scheduler's stop: as Ctrl-C
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     study["root"].mkdir(parents=True, exist_ok=True)
     if not config["POINT"]:
         write_json(

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -56,8 +57,10 @@ def print_config(config, defaults=None):
 
 def cli(main):
     """Run `main(argv)` as a command: expected failures become one plain line on
-    stderr and the documented exit code, never a traceback."""
+    stderr and the documented exit code, never a traceback. SIGTERM (`kill`, a
+    scheduler's or `timeout`'s stop) stops the way Ctrl-C does."""
     program = Path(sys.argv[0]).name
+    signal.signal(signal.SIGTERM, settings.stop_as_ctrl_c)
     try:
         main(sys.argv[1:])
     except settings.ConfigError as error:

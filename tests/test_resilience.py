@@ -1,9 +1,10 @@
 """Runs that survive interruption, crashes, divergence, resumes and several devices.
 
-Real runs on the tiny data sets of conftest.py: Ctrl-C is SIGINT sent to a child
-process once its run folder shows the chosen epoch finished, a crash is a file-size
-limit put on a running child (a full disk), divergence an absurd learning rate, and
-several GPUs are logical CPU devices in a child process.
+Real runs on the tiny data sets of conftest.py: Ctrl-C is SIGINT (or `kill`'s
+SIGTERM) sent to a child process once its run folder shows the chosen epoch
+finished, a crash is a file-size limit put on a running child (a full disk),
+divergence an absurd learning rate, and several GPUs are logical CPU devices in a
+child process.
 """
 
 import hashlib
@@ -89,9 +90,10 @@ def wait_for_epochs(process, out_dir, script, count, timeout=600):
     raise AssertionError(f"no epoch {count} within {timeout} s")
 
 
-def interrupt(process, out_dir):
-    """Ctrl-C, as a terminal sends it; the child must exit 130, resumable."""
-    process.send_signal(signal.SIGINT)
+def interrupt(process, out_dir, signum=signal.SIGINT):
+    """Ctrl-C, as a terminal sends it (or SIGTERM, as `kill` and schedulers send
+    it, which must stop the same way); the child must exit 130, resumable."""
+    process.send_signal(signum)
     assert process.wait(timeout=300) == 130, (out_dir / "stderr.txt").read_text()
     assert "--resume=" in (out_dir / "stderr.txt").read_text()
 
@@ -242,14 +244,15 @@ def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
 def test_early_stopping_counts_the_epochs_before_a_resume(cifar_dir, tmp_path):
     """With a learning rate of 0 and frozen BatchNorm statistics the model never
     changes, so val_accuracy never improves after epoch 1 and a patience of 3 ends
-    the run after epoch 4. A Ctrl-C after epoch 1 must not restart the count."""
+    the run after epoch 4. A stop after epoch 1 must not restart the count; the stop
+    here is SIGTERM (`kill`), which must act as Ctrl-C does."""
     child = start(
         "scratch_cnn.py", tmp_path, f"--data_dir={cifar_dir}", "--epochs=10",
         "--width=8", "--learning_rate=0.0", "--batchnorm_momentum=1.0",
         "--early_stopping_patience=3", pause_after_first_epoch=True,
     )  # fmt: skip
     run_dir = wait_for_epochs(child, tmp_path, scratch_cnn.SCRIPT, 1)
-    interrupt(child, tmp_path)
+    interrupt(child, tmp_path, signal.SIGTERM)
     assert len(training.read_history(run_dir)) < 4
 
     assert scratch_cnn.main([f"--resume={run_dir}", "--verbose=0"]) == run_dir
