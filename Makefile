@@ -25,18 +25,20 @@ report: install
 	$(BIN)/python evaluate.py
 
 # results/: the committed reference results (README, Results). Runs go to runs/ (not
-# committed). Hours on a 2-core CPU. The last line compares the two 2,500-image runs.
+# committed). Hours on a 2-core CPU: report.md compares the two full-data runs (the
+# newest finished run of each script); the study adds the little-data runs.
 STUDY := $(BIN)/python study.py scratch_cnn.py transfer_mobilenetv2.py \
 	--sweep=train_images:1000,2500 --seeds=0,1 --study=data_efficiency --weights=none \
 	--fine_tune_epochs=5 --plots_dir=results --data_label="CIFAR-10 (JPEG copy)" $(DATA_FLAG)
 results: install
 	$(BIN)/python scratch_cnn.py $(DATA_FLAG)
-	$(BIN)/python export.py --run=$$(ls -td runs/scratch_cnn/*/ | head -1)
+	$(BIN)/python transfer_mobilenetv2.py --weights=none $(DATA_FLAG)
+	$(BIN)/python export.py
 	cp $$(ls -td runs/scratch_cnn/*/ | head -1)export/export.md results/export_scratch_cnn.md
+	cp $$(ls -td runs/transfer_mobilenetv2/*/ | head -1)export/export.md \
+		results/export_transfer_mobilenetv2.md
 	$(STUDY)
-	$(BIN)/python evaluate.py --plots_dir=results --data_label="CIFAR-10 (JPEG copy)" \
-		--scratch_run=$$(ls -d runs/study/data_efficiency/scratch_cnn-train_images=2500-seed=0-*/scratch_cnn/*) \
-		--transfer_run=$$(ls -d runs/study/data_efficiency/transfer_mobilenetv2-train_images=2500-seed=0-*/transfer_mobilenetv2/*)
+	$(BIN)/python evaluate.py --plots_dir=results --data_label="CIFAR-10 (JPEG copy)"
 
 test: install-dev
 	$(BIN)/python -m pytest -q
