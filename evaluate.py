@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import time
 from datetime import datetime
 from pathlib import Path
@@ -399,10 +400,19 @@ def new_figure(rows=1, columns=1, size=(12, 4.5), **options):
     )
 
 
-def save_figure(figure, path, dpi):
-    """Write a PNG whole or not at all, and free the figure."""
+def save_figure(figure, path, dpi, data_label=""):
+    """Write a PNG whole or not at all, and free the figure. A data label goes on a
+    line of its own under the title; the title is also the PNG's Title metadata."""
+    if data_label:
+        figure.suptitle(f"{figure.get_suptitle()}\n{data_label}")
     partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, dpi=dpi, format="png", bbox_inches="tight")
+    figure.savefig(
+        partial,
+        dpi=dpi,
+        format="png",
+        bbox_inches="tight",
+        metadata={"Title": figure.get_suptitle()},
+    )
     plt.close(figure)
     partial.replace(path)
     return path
@@ -458,26 +468,26 @@ def style_curve_axes(axes, last_epoch):
         axis.legend(fontsize=8)
 
 
-def plot_curves(run, path, dpi):
+def plot_curves(run):
     """curves_<script>.png: one run's accuracy and loss per epoch."""
     figure, axes = new_figure(1, 2)
     draw_curves(axes.flat, run, COLOURS[run["script"]])
     style_curve_axes(axes.flat, len(run["history"]))
     figure.suptitle(f"{model_label(run)}: learning curves (run {run['dir'].name})")
-    return save_figure(figure, path, dpi)
+    return figure
 
 
-def plot_curves_comparison(runs, path, dpi):
+def plot_curves_comparison(runs):
     """curves_comparison.png: every run's curves on one pair of axes."""
     figure, axes = new_figure(1, 2)
     for run in runs:
         draw_curves(axes.flat, run, COLOURS[run["script"]], f"{model_label(run)}, ")
     style_curve_axes(axes.flat, max(len(run["history"]) for run in runs))
     figure.suptitle("Learning curves compared (solid: training, dashed: validation)")
-    return save_figure(figure, path, dpi)
+    return figure
 
 
-def plot_confusion(run, evaluation, path, dpi):
+def plot_confusion(run, evaluation):
     """confusion_<script>.png: test-set counts, and the same rows normalised."""
     confusion = evaluation["confusion"]
     with np.errstate(invalid="ignore"):
@@ -511,10 +521,10 @@ def plot_confusion(run, evaluation, path, dpi):
         f"{model_label(run)}: confusion matrix on {confusion.sum():,} test images, "
         f"accuracy {evaluation['accuracy']:.2%}"
     )
-    return save_figure(figure, path, dpi)
+    return figure
 
 
-def plot_per_class_accuracy(runs, evaluations, path, dpi):
+def plot_per_class_accuracy(runs, evaluations):
     """per_class_accuracy.png: each class's test accuracy, the models side by side."""
     class_names = evaluations[runs[0]["script"]]["class_names"]
     width = max(12.0, 0.45 * len(runs) * len(class_names))
@@ -539,13 +549,13 @@ def plot_per_class_accuracy(runs, evaluations, path, dpi):
     axis.set_ylim(0, 1.15)
     axis.set_xlabel("true class")
     axis.set_ylabel("test accuracy (recall)")
-    axis.set_title("Per-class test accuracy")
+    figure.suptitle("Per-class test accuracy")
     axis.grid(axis="y", alpha=0.3)
     axis.legend(loc="upper center", ncol=len(runs), fontsize=8)
-    return save_figure(figure, path, dpi)
+    return figure
 
 
-def plot_confused_pairs(runs, pairs, top, class_names, path, dpi):
+def plot_confused_pairs(runs, pairs, top, class_names):
     """confused_pairs.png: each model's most frequent (true -> predicted) mistakes."""
     figure, axes = new_figure(1, len(runs), size=(6.5 * len(runs), 0.8 + 0.35 * top))
     for axis, run in zip(axes.flat, runs):
@@ -558,13 +568,14 @@ def plot_confused_pairs(runs, pairs, top, class_names, path, dpi):
         axis.set_yticks(np.arange(len(rows)), names)
         axis.set_ylim(top - 0.5, -0.5)
         axis.set_xlabel("test images")
-        axis.set_title(f"{model_label(run)}: most confused pairs (true → predicted)")
+        axis.set_title(model_label(run))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.margins(x=0.15)
         axis.grid(axis="x", alpha=0.3)
         if not rows:
             axis.text(0.5, 0.5, "no mistakes", ha="center", transform=axis.transAxes)
-    return save_figure(figure, path, dpi)
+    figure.suptitle("Most confused pairs (true → predicted), test images")
+    return figure
 
 
 def image_grid(count, cell_height, columns=8, caption_lines=0):
@@ -586,7 +597,7 @@ def image_grid(count, cell_height, columns=8, caption_lines=0):
     return figure, axes
 
 
-def plot_misclassified(run, evaluation, images, labels, count, path, dpi):
+def plot_misclassified(run, evaluation, images, labels, count):
     """misclassified_<script>.png: the test images the model got wrong with the
     highest confidence, with true and predicted classes."""
     wrong = np.flatnonzero(~evaluation["correct"])
@@ -613,10 +624,10 @@ def plot_misclassified(run, evaluation, images, labels, count, path, dpi):
         else "no misclassified test images"
     )
     figure.suptitle(f"{model_label(run)}: {title}", color=COLOURS[run["script"]])
-    return save_figure(figure, path, dpi)
+    return figure
 
 
-def plot_test_predictions(runs, evaluations, images, labels, count, seed, path, dpi):
+def plot_test_predictions(runs, evaluations, images, labels, count, seed):
     """test_predictions.png: random test images with every model's prediction and
     confidence (the report's check on test images); ✓ right, ✗ wrong."""
     picks = np.random.default_rng(seed).choice(
@@ -655,10 +666,10 @@ def plot_test_predictions(runs, evaluations, images, labels, count, seed, path, 
     figure.suptitle(
         "Random test images: each model's prediction and confidence (✓ right, ✗ wrong)"
     )
-    return save_figure(figure, path, dpi)
+    return figure
 
 
-def plot_calibration(runs, evaluations, path, dpi):
+def plot_calibration(runs, evaluations):
     """calibration.png: per model, a reliability diagram (accuracy against confidence
     per bin; on the diagonal = calibrated) over a histogram of confidences."""
     figure, axes = new_figure(
@@ -706,7 +717,7 @@ def plot_calibration(runs, evaluations, path, dpi):
         bottom.set_ylabel("test images")
         bottom.grid(alpha=0.3)
     figure.suptitle("Calibration on the test set: reliability diagrams")
-    return save_figure(figure, path, dpi)
+    return figure
 
 
 # ---------------------------------------------------------------------------------
@@ -1014,10 +1025,13 @@ def evaluate_runs(runs, config):
 
 def write_figures(runs, evaluations, pairs, test, config, plots_dir):
     """Every figure, as {name: file name}."""
-    dpi, files = config["DPI"], {}
+    files = {}
 
     def save(name, plot, *args):
-        files[name] = plot(*args, plots_dir / f"{name}.png", dpi).name
+        path = plots_dir / f"{name}.png"
+        files[name] = save_figure(
+            plot(*args), path, config["DPI"], config["DATA_LABEL"]
+        ).name
 
     images, labels = test["images"], test["labels"]
     save("curves_comparison", plot_curves_comparison, runs)
@@ -1132,7 +1146,7 @@ def main(argv):
         test,
         config,
         files,
-        command=" ".join(["python evaluate.py", *argv]),
+        command=shlex.join(["python", "evaluate.py", *argv]),
     )
     files["report.md"] = training.write_text(plots_dir / "report.md", report).name
     for name in files.values():

@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -494,7 +495,7 @@ def main(argv):
         print(hint)
     # Every run checked and its model loaded before anything is written.
     runs = [(run_dir, read_run(run_dir), training.load_checkpoint(run_dir)) for run_dir in run_dirs]
-    command = " ".join(["python export.py", *argv])
+    command = shlex.join(["python", "export.py", *argv])
     exported = {}
     for run_dir, saved, model in runs:
         rows = export_run(run_dir, saved, model, config, command)

@@ -4,6 +4,8 @@ is valid, its numbers agree with the runs, and missing runs are reported plainly
 import csv
 import json
 import os
+import re
+import shlex
 import shutil
 import time
 
@@ -11,6 +13,7 @@ import matplotlib.image
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import own_stderr_lines, run_script
 
 import data
@@ -27,6 +30,7 @@ SHARED_FIGURES = (
     "calibration.png",
 )
 SHARED_TABLES = ("comparison.csv", "comparison.md", "confused_pairs.csv", "report.md")
+DATA_LABEL = "tiny set (CIFAR-10 format)"  # spaces and brackets: quoted in report.md
 
 
 def figures_of(script):
@@ -54,15 +58,14 @@ def count_test_images(cifar_dir):
 def evaluated(scratch_run, transfer_run, cifar_dir, tmp_path_factory):
     """evaluate.py run in-process on both tiny runs, named explicitly."""
     plots_dir = tmp_path_factory.mktemp("plots")
-    result = evaluate.main(
-        [
-            f"--scratch_run={scratch_run}",
-            f"--transfer_run={transfer_run}",
-            f"--data_dir={cifar_dir}",
-            f"--plots_dir={plots_dir}",
-        ]
-    )
-    return result
+    argv = [
+        f"--scratch_run={scratch_run}",
+        f"--transfer_run={transfer_run}",
+        f"--data_dir={cifar_dir}",
+        f"--plots_dir={plots_dir}",
+        f"--data_label={DATA_LABEL}",
+    ]
+    return {**evaluate.main(argv), "argv": argv}
 
 
 def test_every_figure_is_a_readable_picture(evaluated):
@@ -125,6 +128,22 @@ def test_tables_hold_what_the_runs_recorded(evaluated, scratch_run, transfer_run
     table = (plots_dir / "comparison.md").read_text()
     assert "test accuracy (recorded)" in table and "inference, ms per image" in table
     assert table.count("\n|") >= 15
+
+
+def test_every_figure_names_the_data_and_the_report_its_exact_command(evaluated):
+    """Each figure's title ends with the data label on a line of its own (read back
+    from the PNG's Title metadata, which is the title drawn); the report's command
+    pastes into a shell as it ran, the label's spaces and brackets quoted."""
+    plots_dir = evaluated["plots_dir"]
+    pictures = sorted(plots_dir.glob("*.png"))
+    assert len(pictures) == len(SHARED_FIGURES) + 2 * len(figures_of("scratch_cnn"))
+    for path in pictures:
+        heading, label = Image.open(path).text["Title"].rsplit("\n", 1)
+        assert heading.strip() and label == DATA_LABEL, path.name
+    report = (plots_dir / "report.md").read_text()
+    command = re.search(r"Made by `([^`]*)`", report).group(1)
+    assert shlex.split(command) == ["python", "evaluate.py", *evaluated["argv"]]
+    assert f"images of {DATA_LABEL} from" in report
 
 
 def test_confusion_matrices_count_every_test_image(evaluated, cifar_dir):
@@ -244,13 +263,8 @@ def test_a_model_without_mistakes_still_gets_its_figure(tmp_path):
     labels = np.arange(20) % 10
     evaluation = evaluate.evaluate_predictions(np.eye(10)[labels], labels, 10)
     run = {"script": "scratch_cnn", "dir": tmp_path, "config": {}}
-    path = evaluate.plot_misclassified(
-        run,
-        evaluation,
-        np.zeros((20, 32, 32, 3), np.uint8),
-        labels,
-        24,
-        tmp_path / "misclassified.png",
-        100,
+    figure = evaluate.plot_misclassified(
+        run, evaluation, np.zeros((20, 32, 32, 3), np.uint8), labels, 24
     )
+    path = evaluate.save_figure(figure, tmp_path / "misclassified.png", 100)
     assert min(matplotlib.image.imread(path).shape[:2]) >= 200
