@@ -15,9 +15,10 @@ about 88%; the report fed MobileNetV2 [0, 1] inputs where it expects [-1, 1]). T
 random-weights control on CIFAR-10 (JPEG copy): 84.67% test accuracy from all 45,000
 training images in 15 epochs (`--weights=none`, seed 0; 4.6 hours on a 2-core AMD EPYC
 CPU), the scratch CNN's level in 10 times its time; 19.9% from 1,000 images and 37.4%
-from 2,500 in 5 epochs (mean of seeds 0 and 1; `python study.py ...`, README Results). Speed: 104 images/s end to end while fine-tuning
-at 96 px, 1.73 GB peak memory on 50,000 images (the report's resize-everything way:
-17.5 GB), from `python bench.py` on that CPU's two cores, no GPU.
+from 2,500 in 5 epochs (mean of seeds 0 and 1; `python study.py ...`, README Results).
+Speed: 87-104 images/s end to end while fine-tuning at 96 px (44 in a random start),
+1.75 GB peak memory on 50,000 images (the report's resize-everything way: 17.5 GB),
+from `python bench.py` on that CPU's two cores on two days, no GPU.
 """
 
 import settings
