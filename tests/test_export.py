@@ -3,6 +3,8 @@ is written, measured and sane, float32 keeps the Keras model's accuracy, int8 is
 at both ends, evaluate.py shows the table, and bad input writes nothing."""
 
 import csv
+import re
+import shlex
 import shutil
 import sys
 
@@ -34,8 +36,9 @@ def copy_run(run_dir, root):
 def exported(scratch_run, transfer_run, cifar_dir, tmp_path_factory):
     """{script: run folder copy} after export.py ran on each, in-process: every form
     of the scratch CNN; float32 alone of MobileNetV2, whose 150-layer graph takes
-    seconds of CPU per conversion, and its Keras model timed on all cores only."""
-    root = tmp_path_factory.mktemp("export-runs")
+    seconds of CPU per conversion, and its Keras model timed on all cores only. The
+    copies' folder has a space in its name, as a user's "My runs" may."""
+    root = tmp_path_factory.mktemp("export runs")
     copies = {}
     for script, run_dir, options in (
         ("scratch_cnn", scratch_run, [f"--forms={','.join(FORMS)}"]),
@@ -55,6 +58,8 @@ def test_every_form_is_written_and_measured(exported):
         [f"{form}.tflite" for form in FORMS] + ["export.csv", "export.md"]
     )
     assert not list(run_dir.glob(".export*")), "a temporary folder was left behind"
+    command = re.search(r"Made by `([^`]*)`", (folder / "export.md").read_text())[1]
+    assert shlex.split(command)[:3] == ["python", "export.py", f"--run={run_dir}"]
     rows = read_rows(run_dir)
     assert list(rows) == ["keras", *FORMS]
     size = {form: float(row["megabytes"]) for form, row in rows.items()}
