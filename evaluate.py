@@ -1029,9 +1029,8 @@ def write_figures(runs, evaluations, pairs, test, config, plots_dir):
 
     def save(name, plot, *args):
         path = plots_dir / f"{name}.png"
-        files[name] = save_figure(
-            plot(*args), path, config["DPI"], config["DATA_LABEL"]
-        ).name
+        save_figure(plot(*args), path, config["DPI"], config["DATA_LABEL"])
+        files[name] = path.name
 
     images, labels = test["images"], test["labels"]
     save("curves_comparison", plot_curves_comparison, runs)
