@@ -725,6 +725,7 @@ class Pipelines(NamedTuple):
     images_per_epoch: int
     source: str  # where the data came from
     class_names: tuple  # label i is class_names[i]; the model needs len() outputs
+    train_images: np.ndarray  # the training split, uint8 (N, S, S, 3), as stored
 
 
 def pipelines_for(config, value_range):
@@ -770,6 +771,7 @@ def pipelines_for(config, value_range):
         images_per_epoch=fixed_steps * batch_size if fixed_steps else len(y_train),
         source=source,
         class_names=class_names,
+        train_images=x_train,
     )
 
 

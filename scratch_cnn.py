@@ -49,9 +49,11 @@ WARMUP_EPOCHS = 2  # linear warm-up from 0 (at most the whole run), then cosine 
 WEIGHT_DECAY = 5e-3  # decoupled, times the learning rate; = coupled L2 5e-4 under
 # momentum 0.9 (Keras applies it outside the momentum); about 0.05 suits adamw
 LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
-TTA_FLIP = True  # test-time augmentation: average each test image with its mirror
+TTA = "flip"  # test-time augmentation: "none", "flip" (mean with the mirror image) or
+# "crops" (flip, plus 1-pixel shifts each mirrored: 6 views)
 EARLY_STOPPING_PATIENCE = 0  # epochs without a better val_accuracy; 0 = off
-MIXED_PRECISION = False  # float16 compute: faster on recent GPUs, slower on CPU
+MIXED_PRECISION = "auto"  # "off", "on" (float16 on a GPU, else bfloat16) or "auto"
+# (on for GPUs and for CPUs with AMX bfloat16 units)
 JIT_COMPILE = False  # XLA-compile the train step: try it on GPUs
 SEED = 0  # seeds the split, shuffling, augmentation and initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/scratch_cnn/<timestamp>/
@@ -70,6 +72,9 @@ def check_config(config):
     )
     settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
     settings.check_data_settings(config)
+    settings.require(
+        config["TTA"] in ("none", "flip", "crops"), "--tta must be none, flip or crops"
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -146,6 +151,37 @@ def make_optimizer(
     return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
 
 
+def compiled_model(config, train_images, num_classes, steps_per_epoch):
+    """The network compiled for a run of `config` over `steps_per_epoch` steps an
+    epoch (bench.py times what this returns)."""
+    total_steps = config["EPOCHS"] * steps_per_epoch
+    peak_rate = peak_learning_rate(
+        config["LEARNING_RATE"], total_steps, config["FULL_RATE_STEPS"]
+    )
+    model = build_model(
+        config["IMG_SIZE"],
+        config["STEM_WIDTH"],
+        config["WIDTH"],
+        config["DROPOUT"],
+        config["BATCHNORM_MOMENTUM"],
+        num_classes=num_classes,
+    )
+    training.compile_model(
+        model,
+        make_optimizer(
+            config["OPTIMIZER"],
+            peak_rate,
+            config["MOMENTUM"],
+            config["WEIGHT_DECAY"],
+            warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
+            total_steps=total_steps,
+        ),
+        config["LABEL_SMOOTHING"],
+        config["JIT_COMPILE"],
+    )
+    return model
+
+
 # ---------------------------------------------------------------------------------
 # Train
 
@@ -155,41 +191,25 @@ def main(argv):
     check_config(config)
     strategy = training.distribution_strategy()  # before any tensor exists
     training.seed_everything(config["SEED"])
-    replicas = strategy.num_replicas_in_sync
-    training.set_precision(config["MIXED_PRECISION"], replicas)
-    config["BATCH_SIZE"] = training.global_batch_size(config["BATCH_SIZE"], replicas)
+    precision = training.set_precision(config["MIXED_PRECISION"], strategy)
+    config["BATCH_SIZE"] = training.global_batch_size(
+        config["BATCH_SIZE"], strategy.num_replicas_in_sync
+    )
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
     pipelines = data.pipelines_for(config, VALUE_RANGE)
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
+    with strategy.scope():
+        model = compiled_model(
+            config, pipelines.train_images, len(pipelines.class_names),
+            pipelines.steps_per_epoch,
+        )  # fmt: skip
     total_steps = config["EPOCHS"] * pipelines.steps_per_epoch
     peak_rate = peak_learning_rate(
         config["LEARNING_RATE"], total_steps, config["FULL_RATE_STEPS"]
     )
-    with strategy.scope():
-        model = build_model(
-            config["IMG_SIZE"],
-            config["STEM_WIDTH"],
-            config["WIDTH"],
-            config["DROPOUT"],
-            config["BATCHNORM_MOMENTUM"],
-            num_classes=len(pipelines.class_names),
-        )
-        training.compile_model(
-            model,
-            make_optimizer(
-                config["OPTIMIZER"],
-                peak_rate,
-                config["MOMENTUM"],
-                config["WEIGHT_DECAY"],
-                warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
-                total_steps=total_steps,
-            ),
-            config["LABEL_SMOOTHING"],
-            config["JIT_COMPILE"],
-        )
     print(
         f"model: {model.name}, {model.count_params():,} parameters, "
         f"{strategy.num_replicas_in_sync} replica(s); "
@@ -207,20 +227,13 @@ def main(argv):
             value_range=VALUE_RANGE,
             class_names=list(pipelines.class_names),
             peak_learning_rate=peak_rate,
+            precision=precision,
         )
     print(f"run folder: {run_dir}")
     training.fit(
-        model,
-        pipelines.train,
-        pipelines.validation,
-        run_dir,
-        phase="train",
-        epochs=config["EPOCHS"],
-        steps_per_epoch=pipelines.fit_steps,
-        images_per_epoch=pipelines.images_per_epoch,
-        early_stopping_patience=config["EARLY_STOPPING_PATIENCE"],
-        verbose=config["VERBOSE"],
-    )
+        model, pipelines, run_dir, phase="train", epochs=config["EPOCHS"],
+        early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], verbose=config["VERBOSE"],
+    )  # fmt: skip
 
     # Save/Report
     training.finish(
@@ -228,7 +241,7 @@ def main(argv):
         model,
         pipelines.test,
         label_smoothing=config["LABEL_SMOOTHING"],
-        tta_flip=config["TTA_FLIP"],
+        tta=config["TTA"],
     )
     return run_dir
 

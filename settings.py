@@ -1,6 +1,6 @@
-"""The command line every script shares, in the standard library only, so it answers
-before TensorFlow loads: --help from the config block, overrides checked against it,
-one-line errors, and a quiet TensorFlow start-up.
+"""What every script shares before TensorFlow loads, in the standard library only: the
+config block and its --name=value overrides, --help, one-line errors and exit codes, a
+quiet TensorFlow start-up, atomic files, Markdown tables and finding run folders.
 
 A script calls it on its first lines, before it imports anything heavy:
 
@@ -8,19 +8,17 @@ A script calls it on its first lines, before it imports anything heavy:
 
     settings.check_command_line(__name__, __file__)  # --help, bad flags: no TF yet
 
-    import keras
-
-Run as a program, that line answers `--help` and `-h` from the script's config block
-(each UPPER_CASE setting with its default and its trailing comment), stops a bad
-command line with one line on stderr and exit code 2 (an unknown or malformed flag, a
-wrong type, or a failed check of the script's `check_config(config)`), and then
-imports TensorFlow with its start-up notices filtered out. Imported as a module (by a
-test, or by bench.py), it does nothing.
+Run as a program, that line answers --help from the script's config block, stops a bad
+command line with one line and exit code 2 (checking the script's check_config too),
+then imports TensorFlow without its start-up notices. Imported, it does nothing.
 """
 
 import ast
+import difflib
 import io
+import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -30,8 +28,8 @@ from typing import NamedTuple
 
 EXIT_CONFIG = 2  # bad command line or configuration
 EXIT_DATA = 3  # data or weights missing, unreadable or invalid
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, as a shell reports Ctrl-C
 SCALARS = (bool, int, float, str)  # the types a setting may have
-HELP_FLAGS = ("-h", "--help")
 
 
 class ConfigError(Exception):
@@ -42,6 +40,10 @@ class DataError(Exception):
     """Data or weights missing, unreadable or invalid: exit 3 with this message."""
 
 
+class Interrupted(Exception):
+    """Stopped by Ctrl-C or SIGTERM; the message says how to go on."""
+
+
 def require(condition, message):
     """Stop with exit code 2 unless `condition` holds."""
     if not condition:
@@ -49,30 +51,30 @@ def require(condition, message):
 
 
 def check_data_settings(config):
-    """The data settings every script shares, checked before TensorFlow loads:
-    VAL_FRACTION, TRAIN_IMAGES and, in the scripts that batch, BATCH_SIZE."""
+    """The data settings the training scripts share, checked before TensorFlow loads."""
+    for name in ("VAL_FRACTION", "TEST_FRACTION"):
+        if name in config:
+            require(
+                0 < config[name] < 1,
+                f"--{name.lower()} must lie in (0, 1), got {config[name]}",
+            )
     require(
-        0 < config["VAL_FRACTION"] < 1,
-        f"--val_fraction must lie in (0, 1), got {config['VAL_FRACTION']}",
-    )
-    require(
-        config["TRAIN_IMAGES"] >= 0,
-        f"--train_images must be 0 (all) or positive, got {config['TRAIN_IMAGES']}",
+        config.get("TRAIN_IMAGES", 0) >= 0,
+        f"--train_images must be 0 (all) or positive, got {config.get('TRAIN_IMAGES')}",
     )
     if "BATCH_SIZE" in config:
         require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
 
 
 def fail(message, exit_code):
-    """The one way a script stops on an expected failure: `<script>: error: ...`
-    on stderr, no traceback, the documented exit code."""
+    """The one way a script stops on an expected failure: `<script>: error: ...` on
+    stderr, no traceback, the documented exit code."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(exit_code)
 
 
 def stop_as_ctrl_c(signum, frame):
-    """A SIGTERM handler: `kill`, a scheduler's or `timeout`'s stop raises
-    KeyboardInterrupt, so a run stops the way Ctrl-C stops it."""
+    """SIGTERM handler: `kill`, a scheduler's or `timeout`'s stop acts as Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -90,52 +92,56 @@ def config_block(module_globals):
     }
 
 
-def parse_overrides(defaults, argv):
-    """Apply `--name=value` and `--name value` arguments to `defaults` (a config block)
-    and return the effective configuration; a bare `--flag` sets a boolean to True.
-    Values are Python literals checked against the type of the default; strings may
-    be given bare (`--data_dir=/data/cifar`)."""
-    config = dict(defaults)
-    valid = ", ".join(f"--{name.lower()}" for name in defaults)
-    argv = list(argv)
-    index = 0
+def split_arguments(argv, booleans=()):
+    """[(flag, text)] from `--name=value`, `--name value` and, for a name in
+    `booleans` (lower case), a bare `--flag` (text "True") or `--flag true|false`."""
+    pairs, index = [], 0
     while index < len(argv):
         arg = argv[index]
         index += 1
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(
-                f"expected --name=value, --name value or --flag, got {arg!r} "
-                f"(valid names: {valid})"
-            )
+            raise ConfigError(f"expected --name=value, --name value or --flag, got {arg!r}")
         flag, has_value, text = arg[2:].partition("=")
-        name = flag.replace("-", "_").upper()
-        if name not in defaults:
-            raise ConfigError(f"unknown setting --{flag} (valid names: {valid})")
-        if not has_value:
-            following = argv[index] if index < len(argv) else None
-            if type(defaults[name]) is bool:
-                # A bare --flag means True; --flag true and --flag false also work.
-                text = "True"
-                if following is not None and following.lower() in ("true", "false"):
-                    text, index = following, index + 1
-            elif following is None or following.startswith("--"):
-                raise ConfigError(
-                    f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE "
-                    f"(default {defaults[name]!r})"
-                )
-            else:
+        flag = flag.replace("-", "_").lower()
+        following = argv[index] if index < len(argv) else None
+        if not has_value and flag in booleans:
+            text = "True"
+            if following is not None and following.lower() in ("true", "false"):
                 text, index = following, index + 1
-        config[name] = parse_value(flag, text, defaults[name])
+        elif not has_value:
+            if following is None or following.startswith("--"):
+                raise ConfigError(f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE")
+            text, index = following, index + 1
+        pairs.append((flag, text))
+    return pairs
+
+
+def unknown_setting(flag, names, where=""):
+    """The ConfigError for an unknown --flag: the closest valid names, if any."""
+    valid = [name.lower() for name in names]
+    close = difflib.get_close_matches(flag, valid, n=3, cutoff=0.6)
+    hint = f"did you mean --{', --'.join(close)}?" if close else "see --help"
+    return ConfigError(f"unknown setting --{flag}{where}; {hint}")
+
+
+def parse_overrides(defaults, argv):
+    """`defaults` (a config block) with the `argv` overrides applied; values are Python
+    literals checked against the default's type, strings may be given bare."""
+    config = dict(defaults)
+    booleans = [name.lower() for name, value in defaults.items() if type(value) is bool]
+    for flag, text in split_arguments(argv, booleans):
+        if flag.upper() not in defaults:
+            raise unknown_setting(flag, defaults)
+        config[flag.upper()] = parse_value(flag, text, defaults[flag.upper()])
     return config
 
 
 def parse_value(flag, text, default):
-    """`text` as a value of the default's type: a Python literal, a bare string,
-    true/false for a boolean; anything else is a ConfigError."""
+    """`text` as a value of the default's type, or a ConfigError."""
     expected = type(default)
     try:
         value = ast.literal_eval(text)
-    except Exception:  # not a literal (or one too deep to parse): keep the text
+    except Exception:  # not a literal (or too deep to parse): keep the text
         value = text
     if expected is str:
         return value if isinstance(value, str) else text
@@ -144,25 +150,30 @@ def parse_value(flag, text, default):
     if expected is float and type(value) is int:
         return float(value)
     if type(value) is not expected:
+        article = "an" if expected.__name__[0] in "aeiou" else "a"
         raise ConfigError(
-            f"--{flag} takes {article(expected.__name__)} (default {default!r}), "
+            f"--{flag} takes {article} {expected.__name__} (default {default!r}), "
             f"got {text!r}"
         )
     return value
 
 
-def article(noun):
-    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+def print_config(config, defaults=None):
+    """The effective configuration, a setting a line, the overridden ones marked."""
+    width = max(len(name) for name in config)
+    for name, value in config.items():
+        changed = defaults is not None and defaults.get(name) != value
+        print(f"  {name.lower():<{width}} = {value!r}{'  (set)' if changed else ''}")
 
 
 # ---------------------------------------------------------------------------------
-# A script read from its source, without running it
+# A script read from its source, without running it: --help and the early check
 
 
 class Setting(NamedTuple):
     default: object
     comment: str  # the trailing comment of its lines in the config block
-    more: tuple = ()  # the comment lines right below it, which go on with it
+    more: tuple = ()  # comment lines right below it, which go on with it
 
 
 class Script(NamedTuple):
@@ -173,35 +184,25 @@ class Script(NamedTuple):
 
 
 def read_script(path):
-    """The docstring, config block and check_config of the script at `path`, read
-    from its source. The block is every UPPER_CASE scalar assigned before the line
-    `CONFIG = ...config_block(globals())`, as config_block sees it when the script
-    runs; a default of another script's setting (`scratch_cnn.CONFIG["BATCH_SIZE"]`)
-    is read from that script's block."""
+    """The docstring, config block and check_config of the script at `path`. The block
+    is every UPPER_CASE scalar assigned before `CONFIG = ...`; a default taken from a
+    sibling script (`scratch_cnn.CONFIG["BATCH_SIZE"]`) is read from its block."""
     path = Path(path)
     source = path.read_text()
     tree = ast.parse(source, str(path))
-    comment_tokens = [
+    tokens = [
         token
         for token in tokenize.generate_tokens(io.StringIO(source).readline)
         if token.type == tokenize.COMMENT
     ]
-    comments = {
-        token.start[0]: token.string.lstrip("#").strip() for token in comment_tokens
-    }
-    comment_lines = {  # lines holding nothing but a comment
-        token.start[0]
-        for token in comment_tokens
-        if not token.line[: token.start[1]].strip()
-    }
-    settings, constants, check, complete = {}, {}, None, True
-    in_block = True
+    comments = {token.start[0]: token.string.lstrip("#").strip() for token in tokens}
+    alone = {token.start[0] for token in tokens if not token.line[: token.start[1]].strip()}
+    found, constants, check, complete, in_block = {}, {}, None, True, True
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == "check_config":
             check = node
         if not (
             isinstance(node, ast.Assign)
-            and len(node.targets) == 1
             and isinstance(node.targets[0], ast.Name)
             and node.targets[0].id.isupper()
         ):
@@ -219,19 +220,21 @@ def read_script(path):
         if in_block and type(value) in SCALARS:
             lines = range(node.lineno, node.end_lineno + 1)
             comment = " ".join(comments[line] for line in lines if line in comments)
-            more, line = [], node.end_lineno + 1  # comment lines right below go on
-            while line in comment_lines:
+            more, line = [], node.end_lineno + 1
+            while line in alone:
                 more.append(comments[line])
                 line += 1
-            settings[name] = Setting(value, comment, tuple(more))
-    if check is not None:
-        check = _compile_function(check, path, constants)
-    return Script(ast.get_docstring(tree) or "", settings, check, complete)
+            found[name] = Setting(value, comment, tuple(more))
+    if check is not None:  # compiled alone, with the literal constants in scope
+        code = compile(ast.Module(body=[check], type_ignores=[]), str(path), "exec")
+        namespace = {**constants, "settings": sys.modules[__name__]}
+        exec(code, namespace)
+        check = namespace["check_config"]
+    return Script(ast.get_docstring(tree) or "", found, check, complete)
 
 
 def _literal(node, folder):
-    """The value of a literal, or of `other_script.CONFIG["NAME"]` read from
-    other_script.py's block; ValueError for anything else."""
+    """A literal's value, or `other_script.CONFIG["NAME"]` read from other_script.py."""
     if (
         isinstance(node, ast.Subscript)
         and isinstance(node.value, ast.Attribute)
@@ -240,32 +243,19 @@ def _literal(node, folder):
         and isinstance(node.slice, ast.Constant)
     ):
         other = folder / f"{node.value.value.id}.py"
-        if other.is_file():
-            setting = read_script(other).settings.get(node.slice.value)
-            if setting is not None:
-                return setting.default
-        raise ValueError("not a setting of a sibling script")
+        setting = read_script(other).settings.get(node.slice.value) if other.is_file() else None
+        if setting is None:
+            raise ValueError("not a setting of a sibling script")
+        return setting.default
     return ast.literal_eval(node)
 
 
-def _compile_function(node, path, constants):
-    """The function `node` defines, compiled on its own with this module as
-    `settings` and the script's literal constants in scope: enough for checks of
-    settings, which need neither data nor TensorFlow."""
-    code = compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec")
-    namespace = {**constants, "settings": sys.modules[__name__]}
-    exec(code, namespace)
-    return namespace[node.name]
-
-
-def help_text(path):
-    """--help: the docstring's purpose and usage lines, then every setting of the
-    config block with its default and its comment."""
+def help_text(path, usage="[--name=value | --name value | --flag] ..."):
+    """--help: the docstring up to the end of its first indented block (purpose, then
+    the commands), then each setting with its default and its comment."""
     script = read_script(path)
     program = Path(path).name
-    lines = [f"usage: python {program} [--name=value | --name value | --flag] ...", ""]
-    # The docstring up to the end of its first indented block: purpose, then usage.
-    seen_usage = False
+    lines, seen_usage = [f"usage: python {program} {usage}", ""], False
     for line in script.doc.splitlines():
         indented = line.startswith((" ", "\t"))
         if seen_usage and not indented:
@@ -274,8 +264,8 @@ def help_text(path):
         lines.append(line)
     lines += ["", f"settings (the config block of {program}; a bare --flag sets True):"]
     flags = {
-        name: f"--{name.lower()}={_shown(setting.default)}"
-        for name, setting in script.settings.items()
+        name: f"--{name.lower()}=" + (f'"{s.default}"' if isinstance(s.default, str) else repr(s.default))
+        for name, s in script.settings.items()
     }
     width = min(max(map(len, flags.values()), default=0), 36)
     for name, setting in script.settings.items():
@@ -288,30 +278,21 @@ def help_text(path):
     return "\n".join(lines) + "\n"
 
 
-def _shown(value):
-    return '"' + value + '"' if isinstance(value, str) else repr(value)
-
-
-# ---------------------------------------------------------------------------------
-# The early check
-
-
 def check_command_line(name, path, argv=None):
     """Run by a script on its first lines as `check_command_line(__name__, __file__)`.
-    Run as a program (`name == "__main__"`), it answers --help and -h (exit 0), stops a
-    bad command line with one line on stderr (exit 2), both before TensorFlow is
-    imported, and then imports TensorFlow quietly. Imported, it does nothing."""
+    As a program, it answers --help and -h (exit 0) and stops a bad command line (exit
+    2), both before TensorFlow is imported, then imports TensorFlow quietly."""
     if name != "__main__":
         return
     argv = sys.argv[1:] if argv is None else argv
-    if any(arg in HELP_FLAGS for arg in argv):
+    if any(arg in ("-h", "--help") for arg in argv):
         sys.stdout.write(help_text(path))
         sys.exit(0)
     script = read_script(path)
     config = {}
     if script.complete:  # else main() checks it all, once TensorFlow is loaded
-        defaults = {name: setting.default for name, setting in script.settings.items()}
         try:
+            defaults = {name: setting.default for name, setting in script.settings.items()}
             config = parse_overrides(defaults, argv)
             if script.check is not None:
                 try:
@@ -326,14 +307,12 @@ def check_command_line(name, path, argv=None):
 # ---------------------------------------------------------------------------------
 # A quiet TensorFlow start-up
 #
-# TensorFlow logs from C++ through absl straight to file descriptor 2. Most of it obeys
-# TF_CPP_MIN_LOG_LEVEL; the notices printed while `import tensorflow` runs (before absl
-# is initialised) do not. So the import runs with descriptor 2 connected to a small
-# filter process that drops those known notices and passes every other line on at
-# once: a real warning or error gets through, even if TensorFlow then aborts.
+# TensorFlow logs from C++ through absl straight to file descriptor 2, and the notices
+# printed while `import tensorflow` runs ignore TF_CPP_MIN_LOG_LEVEL. So the import runs
+# with descriptor 2 connected to a small filter process that drops those known notices
+# and passes every other line on at once: a real error gets through, even on an abort.
 
-# Lines absl prints as "<severity><mmdd> <time> <thread> <file>:<line>] <message>".
-ABSL_LINE = re.compile(rb"^([IWEF])\d{4} ")
+ABSL_LINE = re.compile(rb"^([IWEF])\d{4} ")  # "<severity><mmdd> <time> <thread> ..."
 STARTUP_NOTICES = (
     b"WARNING: All log messages before absl::InitializeLog() is called",
     b"To enable the following instructions:",  # the rest of an I line (CPU features)
@@ -343,9 +322,9 @@ CUDA_INIT_FAILED = b"failed call to cuInit"
 
 
 def forward_messages(source, sink):
-    """Copy the lines of `source` to `sink` (binary files), one at a time, less the
-    start-up notices: absl's INFO lines and its notice about them, and the failed
-    CUDA initialisation of a machine that has no CUDA driver to initialise."""
+    """Copy the lines of `source` to `sink` (binary files) less the start-up notices:
+    absl's INFO lines, its notice about them, and a failed CUDA initialisation on a
+    machine with no CUDA driver to initialise."""
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
@@ -361,23 +340,19 @@ def forward_messages(source, sink):
 
 
 def import_tensorflow_quietly(show_everything=False):
-    """Import TensorFlow and Keras, initialising the devices, without the start-up
-    notices; `show_everything` (--verbose=2, or TF_CPP_MIN_LOG_LEVEL=0 set by the
-    user) leaves TensorFlow to print all it prints."""
+    """Import TensorFlow and Keras and initialise the devices without the start-up
+    notices; `show_everything` (--verbose=2, or TF_CPP_MIN_LOG_LEVEL=0) shows them."""
     if show_everything or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         return
-    # INFO lines after start-up (such as "Local rendezvous is aborting") go too;
-    # warnings and errors stay. A level the user set is theirs.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    quietly(_import_tensorflow)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # later INFO lines go too
 
+    def work():
+        import keras  # noqa: F401
+        import tensorflow as tf
 
-def _import_tensorflow():
-    import keras  # noqa: F401
-    import tensorflow as tf
+        tf.config.list_physical_devices()  # CUDA starts here, and so does its notice
 
-    # CUDA is initialised here, not at the first operation: so is its notice.
-    tf.config.list_physical_devices()
+    quietly(work)
 
 
 def quietly(work):
@@ -385,13 +360,11 @@ def quietly(work):
     sys.stderr.flush()
     read_end, write_end = os.pipe()
     command = [
-        sys.executable,
-        "-S",
-        "-c",
+        sys.executable, "-S", "-c",
         "import sys; sys.path.insert(0, sys.argv[1]); import settings; "
         "settings.forward_messages(sys.stdin.buffer, sys.stderr.buffer)",
         str(Path(__file__).resolve().parent),
-    ]
+    ]  # fmt: skip
     forwarder = subprocess.Popen(command, stdin=read_end)
     os.close(read_end)
     saved = os.dup(2)
@@ -407,3 +380,90 @@ def quietly(work):
             forwarder.wait(timeout=10)
         except subprocess.TimeoutExpired:  # a copy of the pipe is still open
             pass
+
+
+# ---------------------------------------------------------------------------------
+# Files, tables and run folders
+
+
+def write_text(path, text):
+    """Write a text file whole or not at all: a reader never sees half of it, and a
+    failed write leaves the earlier file as it was. Returns the path."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+    return path
+
+
+def write_json(path, payload):
+    return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_json(path):
+    """A JSON file's contents; unreadable or damaged is a DataError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable ({type(error).__name__})") from None
+
+
+def markdown_table(header, rows):
+    """A GitHub Markdown table; cells are shown with str()."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
+def cpu_name():
+    """This machine's CPU model, as /proc/cpuinfo names it where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo), empty where there is no such file."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def list_runs(out_dir, script, finished):
+    """Run folders of `script` in OUT_DIR, oldest first by name (a timestamp: a folder's
+    modification time changes when a later tool writes into it); finished ones hold
+    metrics.json."""
+    parent = Path(out_dir) / script
+    if not parent.is_dir():
+        return []
+    return sorted(
+        (
+            path
+            for path in parent.iterdir()
+            if (path / "config.json").is_file() and (path / "metrics.json").is_file() == finished
+        ),
+        key=lambda path: path.name,
+    )
+
+
+def finished_run(path, flag):
+    """The finished run folder that `flag` (e.g. "--run=...") names; else exit 2."""
+    run_dir = Path(path).expanduser()
+    require(
+        (run_dir / "config.json").is_file(),
+        f"{flag}: not a run folder (no config.json); runs are in OUT_DIR/<script>/<timestamp>/",
+    )
+    script = read_json(run_dir / "config.json").get("script", "the training script")
+    require(
+        (run_dir / "metrics.json").is_file(),
+        f"{flag}: that run has not finished (no metrics.json); finish it with: "
+        f"python {script}.py --resume={run_dir}",
+    )
+    return run_dir

@@ -28,13 +28,6 @@ import tensorflow as tf
 
 import settings
 
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
-
-
-class Interrupted(Exception):
-    """Training stopped by Ctrl-C; the message says how to resume."""
-
-
 # ---------------------------------------------------------------------------------
 # Configuration: the UPPER_CASE block at the top of a script, overridden per run
 
@@ -67,9 +60,9 @@ def cli(main):
         settings.fail(error, settings.EXIT_CONFIG)
     except settings.DataError as error:
         settings.fail(error, settings.EXIT_DATA)
-    except (Interrupted, KeyboardInterrupt) as error:
+    except (settings.Interrupted, KeyboardInterrupt) as error:
         print(f"{program}: {error or 'interrupted'}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(settings.EXIT_INTERRUPTED)
 
 
 # ---------------------------------------------------------------------------------
@@ -106,27 +99,13 @@ def worker_dir(script, copy_of=None):
     return folder
 
 
-def list_runs(out_dir, script, finished):
-    """Run folders of `script`, oldest first; finished ones hold metrics.json."""
-    parent = Path(out_dir) / script
-    if not parent.is_dir():
-        return []
-    runs = [
-        path
-        for path in parent.iterdir()
-        if (path / "config.json").is_file()
-        and (path / "metrics.json").is_file() == finished
-    ]
-    return sorted(runs, key=lambda path: (path.stat().st_mtime, path.name))
-
-
 def run_to_resume(resume, out_dir, script):
     """The run folder that `--resume` names: a path, or "last" for the newest
     unfinished run of `script`. Checked before any work: a run of another script,
     a damaged config.json, a truncated model.keras or a damaged or NaN backup stops
     with exit 3 naming the file, and the folder is left as it is."""
     if resume == "last":
-        unfinished = list_runs(out_dir, script, finished=False)
+        unfinished = settings.list_runs(out_dir, script, finished=False)
         if not unfinished:
             raise settings.ConfigError(
                 f"--resume=last: no unfinished run in {Path(out_dir) / script}"
@@ -244,24 +223,10 @@ def configure_run(defaults, argv, script):
     return config, run_dir
 
 
-def write_text(path, text):
-    """Write a text file whole or not at all: a reader never sees half of it, and a
-    failed write leaves the earlier file as it was. Returns the path."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-    return path
-
-
-def write_json(path, payload):
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
-
-
 def save_run_config(run_dir, script, config, data_source, **extra):
     """config.json: the effective configuration, what the data was, library versions,
     and `extra` facts evaluate.py needs (e.g. the input range the model expects)."""
-    write_json(
+    settings.write_json(
         run_dir / "config.json",
         {
             "script": script,
@@ -281,17 +246,6 @@ def save_run_config(run_dir, script, config, data_source, **extra):
 
 # ---------------------------------------------------------------------------------
 # Set-up: seeds, devices, precision
-
-
-def cpu_name():
-    """This machine's CPU model, as /proc/cpuinfo names it where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_names():
@@ -381,29 +335,62 @@ def distribution_strategy():
     return tf.distribute.get_strategy()
 
 
-def precision_policy(mixed_precision, replicas):
-    """The Keras dtype policy for a run: float32, or with `mixed_precision`
-    mixed_float16 on one replica and mixed_bfloat16 on several. Keras 3.15.1's
-    LossScaleOptimizer (merge_call path in _tf_apply) judges whether a step
-    overflowed from the first replica's gradients alone, before they are summed:
-    an overflow on another GPU reaches the weights as inf. bfloat16 has float32's
-    range and needs no loss scaling, so it cannot fail that way."""
-    if not mixed_precision:
+def precision_policy(mixed_precision, replicas, gpus, cpu_flags=()):
+    """The Keras dtype policy for MIXED_PRECISION ("off", "on" or "auto"): "on" is
+    mixed_float16 on one GPU and mixed_bfloat16 on several replicas or a CPU; "auto"
+    is "on" on GPUs and on a CPU with AMX (amx_bf16), where bfloat16 matrix units
+    pay, else float32. Keras 3.15.1's LossScaleOptimizer judges whether a step
+    overflowed from the first replica's gradients alone, so an overflow on another
+    GPU reaches the weights as inf; bfloat16 needs no loss scaling."""
+    if mixed_precision == "off" or (
+        mixed_precision == "auto" and not gpus and "amx_bf16" not in cpu_flags
+    ):
         return "float32"
-    return "mixed_float16" if replicas == 1 else "mixed_bfloat16"
+    return "mixed_float16" if gpus and replicas == 1 else "mixed_bfloat16"
 
 
-def set_precision(mixed_precision, replicas=1):
-    """Set and return the global dtype policy (see precision_policy); call it
-    once the strategy exists, before the model is built."""
-    policy = precision_policy(mixed_precision, replicas)
+def set_precision(mixed_precision, strategy):
+    """Set and return the global dtype policy (see precision_policy), once the
+    strategy exists and before the model is built. BatchNorm and the softmax
+    output keep float32 under either mixed policy, and so does the loss."""
+    policy = precision_policy(
+        mixed_precision, strategy.num_replicas_in_sync,
+        tf.config.list_logical_devices("GPU"), settings.cpu_flags(),
+    )  # fmt: skip
     keras.mixed_precision.set_global_policy(policy)
-    if policy == "mixed_bfloat16":
-        print(
-            f"precision: mixed_bfloat16 on {replicas} replicas (mixed_float16's loss "
-            f"scaling is not safe on several replicas in Keras 3.15)"
-        )
+    if policy != "float32":
+        print(f"precision: {policy}")
     return policy
+
+
+class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warm-up from `start` x `peak` to `peak` over `warmup_steps`, then a
+    cosine or linear decay to `end` x `peak` at `total_steps`."""
+
+    def __init__(self, peak, warmup_steps, total_steps, start=0.0, end=0.0, decay="cosine"):
+        self.peak, self.start, self.end, self.decay = peak, start, end, decay
+        self.warmup_steps = min(warmup_steps, total_steps)
+        self.total_steps = total_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warmup = keras.ops.maximum(float(self.warmup_steps), 1.0)
+        rising = self.start + (1 - self.start) * step / warmup
+        progress = keras.ops.clip(
+            (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1
+        )
+        if self.decay == "cosine":
+            falling = self.end + (1 - self.end) * 0.5 * (1 + keras.ops.cos(np.pi * progress))
+        else:
+            falling = self.end + (1 - self.end) * (1 - progress)
+        return self.peak * keras.ops.where(step < self.warmup_steps, rising, falling)
+
+    def get_config(self):
+        return {
+            "peak": self.peak, "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps, "start": self.start, "end": self.end,
+            "decay": self.decay,
+        }  # fmt: skip
 
 
 def global_batch_size(batch_size, replicas):
@@ -527,7 +514,7 @@ class Backup(keras.callbacks.BackupAndRestore):
         partial = weights.with_name("partial.weights.h5")
         self.model.save_weights(str(partial), overwrite=True)
         partial.replace(weights)
-        write_json(self._training_metadata_path, {"epoch": epoch + 1, "batch": 0})
+        settings.write_json(self._training_metadata_path, {"epoch": epoch + 1, "batch": 0})
 
 
 def backed_up_epoch(backup_dir):
@@ -624,23 +611,13 @@ def drop_history_rows(run_dir, phase, start):
         writer = csv.DictWriter(text, reader.fieldnames)  # CSVLogger's dialect
         writer.writeheader()
         writer.writerows(kept)
-        write_text(path, text.getvalue())
+        settings.write_text(path, text.getvalue())
 
 
 def fit(
-    model,
-    train_data,
-    validation_data,
-    run_dir,
-    *,
-    phase,
-    epochs,
-    initial_epoch=0,
-    steps_per_epoch=None,
-    images_per_epoch,
-    early_stopping_patience=0,
-    verbose=1,
-):
+    model, pipelines, run_dir, *, phase, epochs, initial_epoch=0,
+    early_stopping_patience=0, verbose=1,
+):  # fmt: skip
     """`model.fit` from epoch `initial_epoch` to `epochs` with the run's callbacks.
     Safe to call again on the same run folder: it restores the last finished
     epoch (weights and optimizer state) from `backup/<phase>`, drops history rows
@@ -659,7 +636,7 @@ def fit(
     callbacks = [
         DivergenceGuard(),
         Checkpoint(run_dir / "model.keras", best),
-        History(run_dir / "history.csv", phase, images_per_epoch),
+        History(run_dir / "history.csv", phase, pipelines.images_per_epoch),
     ]
     if early_stopping_patience:
         earlier = [row for row in read_history(run_dir) if row["phase"] == phase]
@@ -680,17 +657,17 @@ def fit(
     model._initial_epoch = None
     try:
         model.fit(
-            train_data,
-            validation_data=validation_data,
+            pipelines.train,
+            validation_data=pipelines.validation,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=pipelines.fit_steps,
             callbacks=callbacks,
             shuffle=False,  # the tf.data pipeline shuffles
             verbose=verbose,
         )
     except KeyboardInterrupt:
-        raise Interrupted(
+        raise settings.Interrupted(
             f"interrupted; best checkpoint and history kept in {run_dir}. "
             f"Resume with: python {run_dir.parent.name}.py --resume={run_dir}"
         ) from None
@@ -722,42 +699,64 @@ def load_checkpoint(run_dir):
         ) from None
 
 
-def predict_probabilities(model, dataset, tta_flip=False):
-    """(probabilities, one-hot labels) over a whole (images, labels) dataset. With
-    `tta_flip`, each image's probabilities are averaged with its mirror image's:
-    the model trained on random flips, so both views are equally its own."""
-    images_only = dataset.map(lambda images, labels: images)
-    probabilities = model.predict(images_only, verbose=0)
-    if tta_flip:
-        mirrored = images_only.map(lambda images: tf.reverse(images, axis=[2]))
-        probabilities = (probabilities + model.predict(mirrored, verbose=0)) / 2
+TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
+
+
+def predict_tta(model, dataset, tta="none"):
+    """({level: probabilities}, one-hot labels) over a whole (images, labels) dataset
+    for each test-time augmentation level up to `tta`: "none", the images; "flip",
+    the mean with their mirror images; "crops" (airbench's), half that and half the
+    mean of two 1-pixel shifts (reflect-padded, up-left and down-right), each mirrored
+    too. The model trained on flips and shifts, so every view is its own."""
+    images = dataset.map(lambda images, labels: images)
+
+    def mirrored(views):
+        plain = model.predict(views, verbose=0)
+        return (plain + model.predict(views.map(lambda x: tf.reverse(x, [2])), verbose=0)) / 2
+
+    levels = {"none": model.predict(images, verbose=0)}
+    if tta in ("flip", "crops"):
+        levels["flip"] = (levels["none"] + model.predict(
+            images.map(lambda x: tf.reverse(x, [2])), verbose=0)) / 2  # fmt: skip
+    if tta == "crops":
+        padded = images.map(lambda x: tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "REFLECT"))
+        shifts = [
+            mirrored(padded.map(lambda x: x[:, :-2, :-2])),
+            mirrored(padded.map(lambda x: x[:, 2:, 2:])),
+        ]
+        levels["crops"] = levels["flip"] / 2 + (shifts[0] + shifts[1]) / 4
     labels = np.concatenate([labels.numpy() for _, labels in dataset])
-    return probabilities, labels
+    return levels, labels
 
 
-def test_metrics(model, test_data, label_smoothing, tta_flip):
-    """(test loss, test accuracy) as model.evaluate gives them (the training loss,
-    label smoothing included), with flip averaging when `tta_flip`."""
-    probabilities, labels = predict_probabilities(model, test_data, tta_flip)
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-    accuracy = np.mean(probabilities.argmax(axis=1) == labels.argmax(axis=1))
-    return float(loss(labels, probabilities)), float(accuracy)
+def predict_probabilities(model, dataset, tta="none"):
+    """(probabilities, one-hot labels) over a whole dataset, at test-time augmentation
+    level `tta` (see predict_tta)."""
+    levels, labels = predict_tta(model, dataset, tta)
+    return levels[tta], labels
 
 
-def finish(run_dir, model, test_data, label_smoothing=0.0, tta_flip=False):
-    """Evaluate the best checkpoint once on the test set (flip-averaged when
-    `tta_flip`) and write metrics.json, which marks the run finished; the resume
-    backup is then removed."""
+def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
+    """Evaluate the best checkpoint once on the test set and write metrics.json, which
+    marks the run finished; the resume backup is then removed. test_accuracy is at
+    the run's `tta` level, and the accuracy at each lower level is kept beside it, so
+    runs of different settings can be compared alike."""
     checkpoint = run_dir / "model.keras"
     if not checkpoint.is_file():
         model.save(checkpoint)
     best = keras.models.load_model(checkpoint, compile=False)
-    test_loss, test_accuracy = test_metrics(best, test_data, label_smoothing, tta_flip)
+    levels, labels = predict_tta(best, test_data, tta)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    accuracy = {
+        level: float(np.mean(probabilities.argmax(1) == labels.argmax(1)))
+        for level, probabilities in levels.items()
+    }
     history_rows = read_history(run_dir)
     metrics = {
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
-        "tta_flip": tta_flip,
+        "test_accuracy": accuracy[tta],
+        "test_loss": float(loss(labels, levels[tta])),
+        "tta": tta,
+        **{f"test_accuracy_tta_{level}": value for level, value in accuracy.items()},
         "best_val_accuracy": max(row["val_accuracy"] for row in history_rows),
         "epochs": len(history_rows),
         "train_seconds": round(sum(row["epoch_seconds"] for row in history_rows), 1),
@@ -767,16 +766,11 @@ def finish(run_dir, model, test_data, label_smoothing=0.0, tta_flip=False):
         ),
         "params": int(best.count_params()),
     }
-    if tta_flip:
-        metrics["test_accuracy_without_tta"] = test_metrics(
-            best, test_data, label_smoothing, tta_flip=False
-        )[1]
-    write_json(run_dir / "metrics.json", metrics)
+    settings.write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     print(
-        f"test accuracy {metrics['test_accuracy']:.4f}"
-        f"{' (flip-averaged)' if tta_flip else ''}, test loss "
-        f"{metrics['test_loss']:.4f}, {metrics['epochs']} epochs in "
+        f"test accuracy {metrics['test_accuracy']:.4f} (test-time augmentation: {tta}), "
+        f"test loss {metrics['test_loss']:.4f}, {metrics['epochs']} epochs in "
         f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} "
         f"images/s); run folder {run_dir}"
     )

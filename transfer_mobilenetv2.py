@@ -1,30 +1,22 @@
-"""MobileNetV2 from ImageNet weights fine-tuned on CIFAR-10 resized to 96x96, in two
+"""MobileNetV2 from ImageNet weights, fine-tuned on CIFAR-10 resized to 96 px, in two
 phases: a new head on the frozen base, then the base but its first 10 layers.
 
-    python transfer_mobilenetv2.py                   # full run: ImageNet weights, 96 px
-    python transfer_mobilenetv2.py --train_images=2000 \
-        --head_epochs=1 --fine_tune_epochs=1         # quick CPU check, a few minutes
-    python transfer_mobilenetv2.py --weights=none    # random start: ImageNet's worth
-    python transfer_mobilenetv2.py --weights=PATH    # offline: a weights file, such as
-        # mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5
-    python transfer_mobilenetv2.py --resume=last     # go on with an interrupted run
+    python transfer_mobilenetv2.py                        # full run (defaults below)
+    python transfer_mobilenetv2.py --alpha=0.35           # 0.35-wide: a few times faster
+    python transfer_mobilenetv2.py --train_images=2000 --fine_tune_epochs=1   # quick check
+    python transfer_mobilenetv2.py --weights=none         # random start: what ImageNet adds
+    python transfer_mobilenetv2.py --weights=PATH         # a weights file of the same alpha
+    python transfer_mobilenetv2.py --dry_run              # find data and weights, train nothing
+    python transfer_mobilenetv2.py --resume=last          # go on with an interrupted run
 
-Result: a TARGET of 95%+ test accuracy at 96 px with ImageNet weights and the defaults,
-not measurable here (the weights cannot be downloaded; public Keras runs at 96 px report
-about 88%; the report fed MobileNetV2 [0, 1] inputs where it expects [-1, 1]). The
-random-weights control on CIFAR-10 (JPEG copy): 84.67% test accuracy from all 45,000
-training images in 15 epochs (`--weights=none`, seed 0; 4.6 hours on a 2-core AMD EPYC
-CPU), the scratch CNN's level in 10 times its time; 19.9% from 1,000 images and 37.4%
-from 2,500 in 5 epochs (mean of seeds 0 and 1; `python study.py ...`, README Results).
-Speed: 87-104 images/s end to end while fine-tuning at 96 px (44 in a random start),
-1.75 GB peak memory on 50,000 images (the report's resize-everything way: 17.5 GB),
-from `python bench.py` on that CPU's two cores on two days, no GPU.
+README, Results, gives what it reaches and how long it takes.
 """
 
 import settings
 
 settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
 
+import re
 import warnings
 from pathlib import Path
 
@@ -40,14 +32,15 @@ DATA_DIR = ""  # CIFAR-10 folder or .tar.gz, or class folders (README); "" = fin
 TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
 VAL_FRACTION = 0.1  # share of the training images held out for validation
 TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out to test
-IMG_SIZE = 96  # pixels: the side images are resized to; ImageNet weights: 96-224 by 32
-BATCH_SIZE = 64  # images per step; 128 runs no faster on CPU and peaks at 2.3 GB, not 1.7
+IMG_SIZE = 96  # pixels: the side images are resized to (32 or more)
+BATCH_SIZE = 64  # images per step
 AUGMENT_FLIP = True  # random horizontal flips
 AUGMENT_TRANSLATE = 0.125  # random shifts with reflect padding, fraction of the side
 AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, fraction (0 = off)
-WEIGHTS = "imagenet"  # "imagenet" (downloaded once), a weights file path, or "none"
+ALPHA = 1.0  # MobileNetV2's width multiplier; ImageNet weights: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4
+WEIGHTS = "imagenet"  # "imagenet" (Keras cache, else downloaded once), a file path, or "none"
 DROPOUT = 0.2  # dropout rate before the classifier
 HEAD_EPOCHS = 3  # phase 1: epochs training the new head on the frozen base; 0 = skip
 HEAD_LR = 1e-3  # phase 1 learning rate, constant (AdamW)
@@ -59,14 +52,16 @@ RANDOM_START_BATCHNORM_MOMENTUM = 0.9  # --weights=none: Keras MobileNetV2 has 0
 WARMUP_EPOCHS = 1  # phase 2: linear warm-up from 0, then cosine decay to 0 at the end
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay, scaled by the learning rate
 LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
-TTA_FLIP = False  # test-time augmentation: average each test image with its mirror
+TTA = "none"  # test-time augmentation: "none", "flip" (mean with the mirror image) or
+# "crops" (flip, plus 1-pixel shifts each mirrored: 6 views)
 STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
 EARLY_STOPPING_PATIENCE = 0  # phase 2 epochs without a better val_accuracy; 0 = off
-MIXED_PRECISION = False  # float16 compute: faster on recent GPUs, slower on CPU
+MIXED_PRECISION = "off"  # "off", "on" (float16 on a GPU, else bfloat16) or "auto"
 JIT_COMPILE = False  # XLA-compile the train step: try it on GPUs
 SEED = 0  # seeds the split, shuffling, augmentation and the initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/transfer_mobilenetv2/<timestamp>/
 RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
+DRY_RUN = False  # find the data and the weights, print the plan, train nothing
 VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = a line per epoch and all TF notices
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
@@ -74,111 +69,121 @@ SCRIPT = "transfer_mobilenetv2"
 # MobileNetV2's own preprocess_input range: its ImageNet weights were trained on
 # pixels / 127.5 - 1. The report fed [0, 1], which silently costs accuracy.
 VALUE_RANGE = (-1.0, 1.0)
-IMAGENET_SIZES = (96, 128, 160, 192, 224)  # pixels: the sizes Keras has weights for
-IMAGENET_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-)
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # widths Keras has weights for
+IMAGENET_SIZES = (224, 192, 160, 128, 96)  # pixels: sizes Keras has weights for
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+WEIGHTS_NAME = re.compile(r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_([\d.]+)_(\d+)")
 
 
 def check_config(config):
     """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    random_start = config["WEIGHTS"] == "none"
     settings.require(
         config["HEAD_EPOCHS"] >= 0 and config["FINE_TUNE_EPOCHS"] >= 0,
         "--head_epochs and --fine_tune_epochs must be 0 or more",
     )
-    # A random start has one phase, FINE_TUNE_EPOCHS long: nothing to protect.
-    random_start = config["WEIGHTS"] == "none"
-    settings.require(
+    settings.require(  # a random start has one phase, FINE_TUNE_EPOCHS long
         config["FINE_TUNE_EPOCHS"] > 0
-        if random_start
-        else config["HEAD_EPOCHS"] + config["FINE_TUNE_EPOCHS"] > 0,
+        or (not random_start and config["HEAD_EPOCHS"] > 0),
         "nothing to train: --fine_tune_epochs is 0"
         + ("" if random_start else " and so is --head_epochs"),
     )
-    settings.require(config["WARMUP_EPOCHS"] >= 0, "--warmup_epochs must be 0 or more")
-    settings.require(config["FREEZE_FIRST"] >= 0, "--freeze_first must be 0 or more")
-    settings.check_data_settings(config)
-    # Keras would warn and quietly load the 224 px weights for any other size.
+    for name in ("WARMUP_EPOCHS", "FREEZE_FIRST"):
+        settings.require(config[name] >= 0, f"--{name.lower()} must be 0 or more")
+    settings.require(config["IMG_SIZE"] >= 32, "--img_size must be 32 or more")
+    settings.require(config["ALPHA"] > 0, "--alpha must be positive")
     settings.require(
-        config["WEIGHTS"] != "imagenet" or config["IMG_SIZE"] in IMAGENET_SIZES,
-        f"--img_size={config['IMG_SIZE']}: ImageNet weights exist only for "
-        f"{', '.join(map(str, IMAGENET_SIZES))} px; pick one, or use --weights=none",
+        config["WEIGHTS"] != "imagenet" or config["ALPHA"] in IMAGENET_ALPHAS,
+        f"--alpha={config['ALPHA']}: ImageNet weights exist for alpha "
+        f"{', '.join(map(str, IMAGENET_ALPHAS))}; pick one, or use --weights=none",
     )
+    settings.require(
+        config["TTA"] in ("none", "flip", "crops"), "--tta must be none, flip or crops"
+    )
+    settings.require(
+        config["MIXED_PRECISION"] in ("off", "on", "auto"),
+        "--mixed_precision must be off, on or auto",
+    )
+    settings.check_data_settings(config)
 
 
 # ---------------------------------------------------------------------------------
 # Model: weights (ImageNet through the Keras cache, a file, or none), network, phases
 
 
-def imagenet_weights_name(image_size):
-    """The file Keras downloads for a 1.0-width MobileNetV2 base at `image_size`."""
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{image_size}_no_top.h5"
+def imagenet_weights_name(alpha, image_size):
+    """The file Keras downloads for a MobileNetV2 base of width `alpha` at `image_size`."""
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{image_size}_no_top.h5"
 
 
-def resolve_weights(weights, image_size):
-    """The `weights` argument for MobileNetV2: None for "none", else the path of a
-    weights file. "imagenet" is fetched once into the Keras cache, for a size
-    check_config admits; a bad setting stops before that download."""
-    choices = "--weights=imagenet|PATH|none"
+def weights_resolution(path):
+    """The image size a Keras MobileNetV2 weights file was trained at, from its name
+    (Keras publishes one per size), or None for a file of another name."""
+    match = WEIGHTS_NAME.match(Path(path).name)
+    return int(match.group(2)) if match else None
+
+
+def resolve_weights(weights, alpha, image_size):
+    """The `weights` argument for MobileNetV2: None for "none", else a weights file.
+    "imagenet" is looked for in the Keras cache, at `image_size` first, then at any
+    other size (every file works at every size), and downloaded there if absent."""
     if weights == "none":
         return None
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
             raise settings.DataError(
-                f"--weights={weights}: no such file; expected a MobileNetV2 base "
-                f"weights file (.h5 or .weights.h5). Choices: {choices}"
+                f"--weights={weights}: no such file; expected MobileNetV2 base weights "
+                f"of alpha {alpha} (.h5 or .weights.h5). Choices: --weights=imagenet|PATH|none"
             )
         return str(path)
-    # check_config has refused any size without ImageNet weights.
-    name = imagenet_weights_name(image_size)
     models_dir = data.keras_home() / "models"
+    size = image_size if image_size in IMAGENET_SIZES else 224
+    names = [imagenet_weights_name(alpha, size)]
+    names += [imagenet_weights_name(alpha, other) for other in IMAGENET_SIZES if other != size]
+    for name in names:
+        if (models_dir / name).is_file():
+            return str(models_dir / name)
     try:
         return keras.utils.get_file(
-            name,
-            IMAGENET_URL + name,
-            cache_dir=str(models_dir.parent),
+            names[0], IMAGENET_URL + names[0], cache_dir=str(models_dir.parent),
             cache_subdir="models",
-        )
+        )  # fmt: skip
     except Exception as error:  # urllib, HTTP and proxy errors all land here
-        # Keras words it "URL fetch failure on <url>: <code> -- <reason>".
         reason = str(error).rsplit(" -- ", 1)[-1][:100] or type(error).__name__
         raise settings.DataError(
-            f"the MobileNetV2 ImageNet weights are not cached and the download "
-            f"failed ({reason}).\nPut {name} from {IMAGENET_URL} in {models_dir}/, "
-            f"or pass {choices} (PATH: that file)"
+            f"the MobileNetV2 ImageNet weights for alpha {alpha} are not in the Keras "
+            f"cache and the download failed ({reason}).\nPut {names[0]} (any size's file "
+            f"works) from {IMAGENET_URL} in {models_dir}/, or pass --weights=imagenet|PATH|none"
         ) from None
 
 
-def build_model(image_size, weights, dropout, num_classes=data.NUM_CLASSES):
-    """(model, base): MobileNetV2 without its ImageNet classifier (`weights`: None,
-    "imagenet" or a weights file), then global average pooling, dropout and a
+def build_model(image_size, alpha, weights, dropout, num_classes=data.NUM_CLASSES):
+    """(model, base): MobileNetV2 of width `alpha` without its ImageNet classifier
+    (`weights`: None or a weights file), then global average pooling, dropout and a
     softmax over `num_classes`. Inputs are images in [-1, 1]."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    # A file of the wrong model makes Keras warn once per layer before it fails:
-    # hold the warnings, and show them only if the weights did load.
+    # A file of another width makes Keras warn once per layer before it fails: hold
+    # the warnings, and show them only if the weights did load.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             base = keras.applications.MobileNetV2(
-                include_top=False,
-                input_shape=(image_size, image_size, 3),
-                weights=weights,
-            )
+                input_shape=(image_size, image_size, 3), alpha=alpha,
+                include_top=False, weights=weights,
+            )  # fmt: skip
         except (OSError, ValueError) as error:
             if weights is None:
                 raise
             reason = (str(error).strip().splitlines() or [""])[0][:160]
             raise settings.DataError(
-                f"--weights={weights}: cannot load it into MobileNetV2 without its top "
-                f"({type(error).__name__}: {reason}); expected one of Keras's "
-                f"mobilenet_v2_weights_*_1.0_*_no_top.h5 or a .weights.h5 saved from "
-                f"such a base"
+                f"--weights={weights}: cannot load it into MobileNetV2 of alpha {alpha} "
+                f"without its top ({type(error).__name__}: {reason}); expected "
+                f"{imagenet_weights_name(alpha, 224)} (any size) or a .weights.h5 saved "
+                f"from such a base"
             ) from None
     for warning in caught:
-        warnings.warn_explicit(
-            warning.message, warning.category, warning.filename, warning.lineno
-        )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     # Pretrained: training=False states the intent; Keras <= 3.15 ignores it inside
     # fit, so freeze_base and unfreeze_for_fine_tuning freeze BatchNorm themselves.
     # Random: BatchNorm must learn its statistics, so it follows fit's mode.
@@ -210,30 +215,62 @@ def unfreeze_for_fine_tuning(base, freeze_first):
 
 
 def unfreeze_all(base, batchnorm_momentum):
-    """A random start: every layer trainable, BatchNorm included, from the first
-    step, as a network trained from scratch. Freezing random layers, or BatchNorm
-    statistics set at initialisation, would only handicap it. MobileNetV2's
-    BatchNorm momentum of 0.999 suits ImageNet's long runs: on a few thousand
-    images its moving statistics would still be mostly the placeholders (0 and 1)
-    when training ends, and the evaluated network would guess at chance."""
+    """A random start: every layer trainable from the first step, BatchNorm included,
+    as a network trained from scratch. MobileNetV2's BatchNorm momentum of 0.999 suits
+    ImageNet's long runs: on a few thousand images its moving statistics would still
+    be mostly the placeholders (0 and 1) when training ends."""
     base.trainable = True
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = batchnorm_momentum
 
 
-def make_fine_tune_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
-    """AdamW under a linear warm-up from 0 to `learning_rate`, then cosine decay to
-    0 at `total_steps`: the first steps stay small, so the pretrained features are
-    not thrown off before the optimizer's moment estimates settle."""
-    warmup_steps = min(warmup_steps, total_steps)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        decay_steps=max(total_steps - warmup_steps, 1),
-        warmup_target=learning_rate,
-        warmup_steps=warmup_steps,
+def compile_phase(model, base, config, phase, steps_per_epoch):
+    """Make `phase` ("head", "fine_tune" or "random_start") trainable and compile for
+    it: AdamW, constant for the head, else under a warm-up then cosine decay."""
+    if phase == "head":
+        freeze_base(base)
+        optimizer = keras.optimizers.AdamW(config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"])
+    else:
+        if phase == "fine_tune":
+            unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
+        else:
+            unfreeze_all(base, config["RANDOM_START_BATCHNORM_MOMENTUM"])
+        schedule = training.WarmupThenDecay(
+            config["FINE_TUNE_LR" if phase == "fine_tune" else "RANDOM_START_LR"],
+            warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
+            total_steps=config["FINE_TUNE_EPOCHS"] * steps_per_epoch,
+        )
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config["WEIGHT_DECAY"])
+    training.compile_model(model, optimizer, config["LABEL_SMOOTHING"], config["JIT_COMPILE"])
+
+
+def compiled_model(config, train_images, num_classes, steps_per_epoch, weights=None):
+    """The network compiled for its longest phase, fine-tuning (or the random start
+    with --weights=none), from `weights` (None: random); bench.py times it."""
+    model, base = build_model(
+        config["IMG_SIZE"], config["ALPHA"], weights, config["DROPOUT"], num_classes
     )
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    phase = "random_start" if config["WEIGHTS"] == "none" else "fine_tune"
+    compile_phase(model, base, config, phase, steps_per_epoch)
+    return model
+
+
+def training_plan(config, base):
+    """The phases of a run and what each trains, saved in config.json."""
+    if config["WEIGHTS"] == "none":
+        return {
+            "phases": {"random_start": config["FINE_TUNE_EPOCHS"]},
+            "frozen_first_layers": [],
+            "batchnorm": f"trained, momentum {config['RANDOM_START_BATCHNORM_MOMENTUM']}",
+            "ignored": ["HEAD_EPOCHS", "HEAD_LR", "FINE_TUNE_LR", "FREEZE_FIRST"],
+        }
+    phases = {"head": config["HEAD_EPOCHS"], "fine_tune": config["FINE_TUNE_EPOCHS"]}
+    return {
+        "phases": {phase: epochs for phase, epochs in phases.items() if epochs},
+        "frozen_first_layers": [layer.name for layer in base.layers[: config["FREEZE_FIRST"]]],
+        "batchnorm": "from the weights, frozen",
+    }
 
 
 # ---------------------------------------------------------------------------------
@@ -244,140 +281,64 @@ def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
     check_config(config)
     strategy = training.distribution_strategy()  # before any tensor exists
-    random_start = config["WEIGHTS"] == "none"
-    weights = resolve_weights(config["WEIGHTS"], config["IMG_SIZE"])
+    weights = resolve_weights(config["WEIGHTS"], config["ALPHA"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
-    replicas = strategy.num_replicas_in_sync
-    training.set_precision(config["MIXED_PRECISION"], replicas)
-    config["BATCH_SIZE"] = training.global_batch_size(config["BATCH_SIZE"], replicas)
+    precision = training.set_precision(config["MIXED_PRECISION"], strategy)
+    config["BATCH_SIZE"] = training.global_batch_size(
+        config["BATCH_SIZE"], strategy.num_replicas_in_sync
+    )
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
     pipelines = data.pipelines_for(config, VALUE_RANGE)
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
-    # Model. Pretrained: a head on the frozen base, then fine-tuning. Random: one
-    # phase in which everything learns; the head-first phase protects nothing there.
+    # Model
     with strategy.scope():
         model, base = build_model(
-            config["IMG_SIZE"],
-            weights,
-            config["DROPOUT"],
+            config["IMG_SIZE"], config["ALPHA"], weights, config["DROPOUT"],
             num_classes=len(pipelines.class_names),
-        )
-        settings.require(
-            config["FREEZE_FIRST"] <= len(base.layers),
-            f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
-        )
-    if random_start:
-        plan = {
-            "phases": ["train"],
-            "frozen_first_layers": [],
-            "batchnorm": (
-                "trained from the start (batch statistics while training), "
-                f"momentum {config['RANDOM_START_BATCHNORM_MOMENTUM']}"
-            ),
-            "learning_rate": config["RANDOM_START_LR"],
-            "ignored_for_random_start": ["HEAD_EPOCHS", "HEAD_LR", "FREEZE_FIRST"],
-        }
-    else:
-        plan = {
-            "phases": ["head", "fine_tune"],
-            "frozen_first_layers": [
-                layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
-            ],
-            "batchnorm": "from the weights, frozen",
-            "learning_rate": config["FINE_TUNE_LR"],
-        }
-    print(
-        f"model: {model.name}, {model.count_params():,} parameters; weights "
-        f"{weights or 'random'}; BatchNorm {plan['batchnorm']}"
+        )  # fmt: skip
+    settings.require(
+        config["FREEZE_FIRST"] <= len(base.layers),
+        f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
     )
+    plan = training_plan(config, base)
+    trained_at = weights_resolution(weights) if weights else None
+    print(
+        f"model: MobileNetV2 alpha {config['ALPHA']}, {model.count_params():,} parameters; "
+        f"weights {Path(weights).name if weights else 'random'}"
+        f"{f' (trained at {trained_at} px)' if trained_at else ''}; "
+        f"phases {plan['phases']}; BatchNorm {plan['batchnorm']}"
+    )
+    if config["DRY_RUN"]:
+        print("dry run: the data and the weights are at hand; nothing trained")
+        return None
 
     # Train
     if run_dir is None:
         run_dir = training.new_run_dir(config["OUT_DIR"], SCRIPT)
         training.save_run_config(
-            run_dir,
-            SCRIPT,
-            config,
-            pipelines.source,
-            value_range=VALUE_RANGE,
-            class_names=list(pipelines.class_names),
-            weights_file=weights,
-            training_plan=plan,
-        )
+            run_dir, SCRIPT, config, pipelines.source, value_range=VALUE_RANGE,
+            class_names=list(pipelines.class_names), precision=precision,
+            weights_file=Path(weights).name if weights else None,
+            weights_resolution=trained_at, training_plan=plan,
+        )  # fmt: skip
     print(f"run folder: {run_dir}")
-    fit_settings = {
-        "steps_per_epoch": pipelines.fit_steps,
-        "images_per_epoch": pipelines.images_per_epoch,
-        "verbose": config["VERBOSE"],
-    }
-    head_epochs = 0 if random_start else config["HEAD_EPOCHS"]
-    if head_epochs:
+    done = 0
+    for phase, epochs in plan["phases"].items():
         with strategy.scope():
-            freeze_base(base)
-            training.compile_model(
-                model,
-                keras.optimizers.AdamW(
-                    config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
-                ),
-                config["LABEL_SMOOTHING"],
-                config["JIT_COMPILE"],
-            )
-        print(
-            f"phase 1, head: {head_epochs} epochs, base frozen, "
-            f"{training.count_trainable(model):,} trainable parameters"
-        )
-        # On a resumed run whose head phase is done, this restores its last epoch
-        # from backup/head and trains no further.
+            compile_phase(model, base, config, phase, pipelines.steps_per_epoch)
+        print(f"{phase}: {epochs} epochs, {training.count_trainable(model):,} trainable parameters")
+        # A resumed run restores a finished phase from its backup and trains no further.
         training.fit(
-            model, pipelines.train, pipelines.validation, run_dir, phase="head",
-            epochs=head_epochs, **fit_settings,
+            model, pipelines, run_dir, phase=phase, epochs=done + epochs,
+            initial_epoch=done, verbose=config["VERBOSE"],
+            early_stopping_patience=config["EARLY_STOPPING_PATIENCE"] if phase != "head" else 0,
         )  # fmt: skip
-    if config["FINE_TUNE_EPOCHS"]:
-        with strategy.scope():
-            if random_start:
-                unfreeze_all(base, config["RANDOM_START_BATCHNORM_MOMENTUM"])
-            else:
-                unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
-            training.compile_model(
-                model,
-                make_fine_tune_optimizer(
-                    plan["learning_rate"],
-                    config["WEIGHT_DECAY"],
-                    warmup_steps=config["WARMUP_EPOCHS"] * pipelines.steps_per_epoch,
-                    total_steps=config["FINE_TUNE_EPOCHS"] * pipelines.steps_per_epoch,
-                ),
-                config["LABEL_SMOOTHING"],
-                config["JIT_COMPILE"],
-            )
-        if random_start:
-            print(
-                f"random start: {config['FINE_TUNE_EPOCHS']} epochs, every layer "
-                f"trainable, {training.count_trainable(model):,} trainable parameters"
-            )
-        else:
-            print(
-                f"phase 2, fine-tune: {config['FINE_TUNE_EPOCHS']} epochs, first "
-                f"{config['FREEZE_FIRST']} base layers and BatchNorm frozen, "
-                f"{training.count_trainable(model):,} trainable parameters"
-            )
-        training.fit(
-            model, pipelines.train, pipelines.validation, run_dir,
-            phase=plan["phases"][-1],
-            epochs=head_epochs + config["FINE_TUNE_EPOCHS"],
-            initial_epoch=head_epochs,
-            early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], **fit_settings,
-        )  # fmt: skip
+        done += epochs
 
     # Save/Report
-    training.finish(
-        run_dir,
-        model,
-        pipelines.test,
-        label_smoothing=config["LABEL_SMOOTHING"],
-        tta_flip=config["TTA_FLIP"],
-    )
+    training.finish(run_dir, model, pipelines.test, config["LABEL_SMOOTHING"], config["TTA"])
     return run_dir
 
 

@@ -187,7 +187,7 @@ def base_weights(cifar_dir, tmp_path_factory):
     import transfer_mobilenetv2
 
     keras.utils.set_random_seed(0)
-    _, base = transfer_mobilenetv2.build_model(32, None, dropout=0.0)
+    _, base = transfer_mobilenetv2.build_model(32, 1.0, None, dropout=0.0)
     images = data.load_cifar10(cifar_dir)[0][:64].astype("float32") / 127.5 - 1.0
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -206,6 +206,7 @@ def transfer_resume(cifar_dir, runs_dir, base_weights, tmp_path_factory):
     run serves the resume test and every test of a finished run. Returns what the
     interruption left ("error", "history", "metrics_written", "backup": a copy of
     its backup/ folder), "run_dir" and what the resume returned ("resumed")."""
+    import settings
     import training
     import transfer_mobilenetv2
 
@@ -226,7 +227,7 @@ def transfer_resume(cifar_dir, runs_dir, base_weights, tmp_path_factory):
     ] + TINY_RUN
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training.Backup, "on_epoch_end", interrupt_after_epoch_1)
-        with pytest.raises(training.Interrupted) as error:
+        with pytest.raises(settings.Interrupted) as error:
             transfer_mobilenetv2.main(args)
     (run_dir,) = (runs_dir / transfer_mobilenetv2.SCRIPT).iterdir()
     state = {

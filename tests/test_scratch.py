@@ -130,7 +130,7 @@ def test_interrupted_run_resumes_at_the_next_epoch(
 
     monkeypatch.setattr(training.History, "on_epoch_end", interrupt_after_second_epoch)
     args = [f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--epochs=3", "--width=8"]
-    with pytest.raises(training.Interrupted, match="--resume="):
+    with pytest.raises(settings.Interrupted, match="--resume="):
         scratch_cnn.main(args + TINY_RUN)
     (run_dir,) = (tmp_path / "scratch_cnn").iterdir()
     assert (run_dir / "model.keras").is_file()

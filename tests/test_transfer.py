@@ -97,7 +97,7 @@ def test_fine_tuning_freezes_exactly_the_first_layers_and_batchnorm():
     """Phase 1 trains the head alone; phase 2 freezes base.layers[:FREEZE_FIRST] and
     every BatchNorm layer and trains every other layer that has weights. (That a
     real fine-tuning epoch leaves them alone: see the resume test.)"""
-    model, base = transfer.build_model(32, None, dropout=0.2)
+    model, base = transfer.build_model(32, 1.0, None, dropout=0.2)
     transfer.freeze_base(base)
     assert frozen_layers(model, base) == {
         layer.name for layer in base.layers if layer.weights
@@ -163,12 +163,12 @@ def test_batches_reaching_the_model_fill_minus_one_to_one(
 
 def test_weights_file_saved_from_one_model_loads_into_another(tmp_path):
     keras.utils.set_random_seed(1)
-    _, saved_base = transfer.build_model(32, None, dropout=0.2)
+    _, saved_base = transfer.build_model(32, 1.0, None, dropout=0.2)
     path = tmp_path / "base.weights.h5"
     saved_base.save_weights(path)
 
     keras.utils.set_random_seed(2)
-    _, other_base = transfer.build_model(32, None, dropout=0.2)
+    _, other_base = transfer.build_model(32, 1.0, None, dropout=0.2)
     assert not all(
         np.array_equal(a.numpy(), b.numpy())
         for a, b in zip(saved_base.weights, other_base.weights)
@@ -176,8 +176,8 @@ def test_weights_file_saved_from_one_model_loads_into_another(tmp_path):
 
     # Same seed as other_base: whatever equals saved_base came from the file.
     keras.utils.set_random_seed(2)
-    weights = transfer.resolve_weights(str(path), image_size=32)
-    _, loaded_base = transfer.build_model(32, weights, dropout=0.2)
+    weights = transfer.resolve_weights(str(path), 1.0, 32)
+    _, loaded_base = transfer.build_model(32, 1.0, weights, dropout=0.2)
     assert len(loaded_base.weights) == len(saved_base.weights)
     for saved, loaded in zip(saved_base.weights, loaded_base.weights):
         assert saved.path == loaded.path
@@ -187,11 +187,11 @@ def test_weights_file_saved_from_one_model_loads_into_another(tmp_path):
 def test_bad_weights_files_exit_3(tmp_path):
     choices = re.escape("--weights=imagenet|PATH|none")
     with pytest.raises(settings.DataError, match=choices):
-        transfer.resolve_weights(str(tmp_path / "missing.h5"), image_size=96)
+        transfer.resolve_weights(str(tmp_path / "missing.h5"), 1.0, 96)
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an HDF5 file")
     with pytest.raises(settings.DataError, match="cannot load it into MobileNetV2"):
-        transfer.build_model(32, str(garbage), dropout=0.2)
+        transfer.build_model(32, 1.0, str(garbage), dropout=0.2)
 
 
 def test_imagenet_weights_come_from_the_keras_cache(tmp_path, monkeypatch):
@@ -276,7 +276,7 @@ def assert_fine_tuning_kept_batchnorm_and_first_layers(backup):
     first FREEZE_FIRST layers unchanged, every other base kernel moved."""
     bases = {}
     for phase in ("head", "fine_tune"):
-        model, bases[phase] = transfer.build_model(32, None, dropout=0.2)
+        model, bases[phase] = transfer.build_model(32, 1.0, None, dropout=0.2)
         model.load_weights(backup / phase / "latest.weights.h5")
     head, fine_tuned = bases["head"], bases["fine_tune"]
     for layer in batchnorm_layers(head):
