@@ -467,3 +467,18 @@ def finished_run(path, flag):
         f"python {script}.py --resume={run_dir}",
     )
     return run_dir
+
+
+def model_name(script, config):
+    """What a run trained, as tables and legends name it: "CNN from scratch",
+    "MobileNetV2, ImageNet weights", "MobileNetV2 (alpha 0.35), random start", ..."""
+    if script == "scratch_cnn":
+        return "CNN from scratch"
+    alpha = config.get("ALPHA", 1.0)
+    name = "MobileNetV2" + ("" if alpha == 1.0 else f" (alpha {alpha})")
+    weights = config.get("WEIGHTS", "imagenet")
+    if weights == "imagenet":
+        return f"{name}, ImageNet weights"
+    if weights == "none":
+        return f"{name}, random start"
+    return f"{name}, weights from {Path(weights).name}"
