@@ -1,1111 +1,650 @@
-"""Sweeps of one or two settings of the training scripts over seeds: each point an
-ordinary run of the real script, resumable, then one figure with error bars, a CSV
-with one row per run and a table of mean, standard deviation and count per point.
+"""Sweeps of one or two settings of the training scripts over seeds, each point an
+ordinary run of the real script; then a figure with 95% confidence intervals, a CSV with
+a row per run and a table of mean, standard deviation, n and interval per point.
 
-    python study.py data_efficiency --weights=none --epochs=5   # a preset, passing on
-                                                                # settings to its runs
-    python study.py scratch_cnn.py --sweep=width:16,32,64 --seeds=0,1,2 --epochs=10
-    python study.py transfer_mobilenetv2.py --sweep=freeze_first:0,30 \
-        --sweep=img_size:96,128                                 # a grid of two settings
-    python study.py data_efficiency --dry_run    # points, which are done, time ESTIMATE
-    python study.py data_efficiency --commands   # one command per unfinished point, for
-                                                 # a job array or GNU parallel
-    python study.py --help                       # presets, with the question each asks
+    python study.py data_efficiency                   # a preset (listed below)
+    python study.py data_efficiency --fine_tune_epochs=5   # a setting for its runs
+    python study.py data_efficiency --dry_run         # points, which are done, ESTIMATE
+    python study.py data_efficiency --commands        # a command per unfinished point
+    python study.py scratch_cnn.py --sweep=train_images:1000,5000 --seeds=0,1,2
+    python study.py transfer_mobilenetv2.py --sweep alpha:0.35,1.0 --sweep img_size:96,128
 
-Presets (each asks the question in its docstring, below): data_efficiency,
-freeze_depth, resolution. Points run one at a time into OUT_DIR/study/<study>/<point>/,
-each the script's own run folder with its config.json and metrics.json. Rerunning
-the same command never repeats a finished point, resumes an interrupted one with the
-script's --resume, and tries a failed one again; a changed sweep only adds points.
-Outputs: PLOTS_DIR/study_<study>.png, .csv and .md.
-
-A --name=value that is not a study setting below goes to every run of a script that
-has that setting, and only to those (--epochs to scratch_cnn.py, --weights to
-transfer_mobilenetv2.py); a name no script of the study has is an error.
-
-Exit codes: 0 done (or nothing left to run), 1 a point failed (named; the others ran),
-2 bad command line, before any run starts, 130 interrupted (rerun to go on).
-
-Result: data_efficiency at 1,000 and 2,500 images, seeds 0 and 1, on CIFAR-10 (JPEG
-copy): scratch CNN 29.4% and 51.6%, MobileNetV2 from random weights 19.9% and 37.4%
-(README, Results; results/study_data_efficiency.md).
+Each point is a run folder in OUT_DIR/study/<study>/<point>/, keyed on its settings,
+seed and code (a hash of the script and the modules it imports): a rerun skips finished
+points, resumes interrupted ones, retries failed ones and reruns those whose code
+changed. Processes running one study share its points (a lock per point). Exit codes: 0
+done, 1 a point failed (the others ran), 2 bad command line, 130 interrupted.
 """
 
-import csv
+import ast
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import shlex
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timezone
+from itertools import product
 from pathlib import Path
 
-from settings import ConfigError, parse_value, read_script, stop_as_ctrl_c
+import settings
+from settings import ConfigError, require
 
 # ---------------------------------------------------------------------------------
 # Config (python study.py ... --name=value overrides any of these)
 
 SEEDS = "0,1,2"  # seeds, comma-separated: every point runs once per seed
-METRIC = "test_accuracy"  # the metrics.json key plotted and tabled; any numeric key
-STUDY = ""  # study name, for its folder and outputs; "" = the preset's, or script_setting
+METRIC = "test_accuracy"  # a metrics.json (or export.json) key; two (a,b): a against b
+STUDY = ""  # study name (folder and outputs); "" = the preset's, or script-setting
 OUT_DIR = "runs"  # points go to OUT_DIR/study/<study>/<point>/, each the run's OUT_DIR
 PLOTS_DIR = "plots"  # study_<study>.png, .csv and .md go here, replacing earlier ones
-DATA_LABEL = ""  # what the figure calls the data; "" = the source the runs recorded
+DATA_LABEL = ""  # what the outputs call the data; "" = the folder the runs recorded
+EXPORT = False  # after each finished point, run export.py --run=<run> --forms=int8
+MIN_STEP_IMAGES = 5000  # fair budget of presets: smaller training sets train as many
+# steps per epoch as this many images would
 DRY_RUN = False  # list the points, which are finished, and a time ESTIMATE; run nothing
 COMMANDS = False  # print the command of every unfinished point, one a line; run nothing
 POINT = ""  # run only this point (its folder name); the --commands lines set it
-CONFIG = {
-    name: value
-    for name, value in dict(globals()).items()
-    if name.isupper() and type(value) in (bool, int, float, str)
-}  # the settings above: defaults for overrides
+CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 REPO = Path(__file__).resolve().parent
-EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
-# Where things are and how much to print: not part of what a point measures (the
-# same settings training.resumed_config lets a resumed run change).
-NOT_MEASURED = ("OUT_DIR", "RESUME", "VERBOSE", "DATA_DIR")
-RUN_CONTRACT = ("SEED", "OUT_DIR", "RESUME")  # a training script's config block has these
-LOG_SPAN = 100  # a numeric setting whose largest/smallest positive value reaches this
-# ratio (two decades) is plotted on a log axis
-COLOURS = {
-    "scratch_cnn": "tab:blue",
-    "transfer_mobilenetv2": "tab:orange",
-}  # evaluate.py's
-SHADES = {
-    "scratch_cnn": "Blues",
-    "transfer_mobilenetv2": "Oranges",
-}  # lines of one script
-TF_NOTICE = re.compile(
-    r"^([IWEF]\d{4} |WARNING: All log messages before absl|To enable the following)"
-)
+EXIT_FAILED = 1  # a point failed; the others ran
+AGAIN = "Run the same command again to go on."
+USAGE = "PRESET | SCRIPT... [--sweep=setting:v1,v2,...] [--name=value | --name value]"
+NOT_MEASURED = ("OUT_DIR", "RESUME", "VERBOSE", "DATA_DIR")  # where, how loud: not keys
+STUDY_ACTIONS = ("dry_run", "commands", "point")  # flags a --commands line leaves out
+EXPORTED = "export/export.json"  # in a run folder, once export.py has measured it
+MODELS = ("WEIGHTS", "ALPHA")  # settings.model_name names these
+LABELS = {"TRAIN_IMAGES": "training images", "FREEZE_FIRST": "frozen base layers"}
+LABELS |= {"IMG_SIZE": "image size (px)", "ALPHA": "width (alpha)", "val": "validation"}
+LABELS |= {"int8_ms_one_thread": "int8 ms per image (1 thread)"}  # names for readers
+ZERO_MEANS = {"TRAIN_IMAGES": "all", "STEPS_PER_EPOCH": "full"}  # 0 of these settings
+UNSAFE = "[^A-Za-z0-9.+-]"  # characters of a value a point's folder name replaces
+LOG_SPAN = 20  # swept numbers whose largest/smallest reaches this ratio: a log axis
+
+
+def label(name):
+    """A setting's or metric's name for readers: LABELS, or words ("test accuracy")."""
+    words = LABELS.get(name, name.lower()).split("_")
+    return " ".join(LABELS.get(word, word) for word in words)
+
+
+def show(name, value):
+    """A setting's value for readers: 1,000 for 1000, "all" for TRAIN_IMAGES=0."""
+    text = f"{value:,}" if type(value) is int else str(value)
+    return ZERO_MEANS.get(name, text) if text == "0" else text
+
+
+def as_flag(name, value):
+    """--name=value as a script's command line parses it back."""
+    return f"--{name.lower()}={value if isinstance(value, str) else repr(value)}"
 
 
 # ---------------------------------------------------------------------------------
-# Presets: a function per study; its docstring is the question the figure answers
+# Presets: a function per study, its docstring the question the figure answers; it
+# returns the scripts with their fixed settings, the sweeps, and a budget hook
 
-TRAINING_SCRIPTS = ("scratch_cnn.py", "transfer_mobilenetv2.py")
+
+def fair_budget(run, study):
+    """A training set smaller than MIN_STEP_IMAGES trains as many steps per epoch as
+    that many images (less the validation share) give, not a handful."""
+    least = study["MIN_STEP_IMAGES"]
+    images = least - math.ceil(run["VAL_FRACTION"] * least)
+    steps = {"STEPS_PER_EPOCH": math.ceil(images / run["BATCH_SIZE"])}
+    return steps if 0 < run["TRAIN_IMAGES"] < least else {}
 
 
 def data_efficiency():
-    """How much data before training from scratch catches up?"""
-    # 50,000 is all of CIFAR-10's training set (a larger TRAIN_IMAGES takes all).
-    return TRAINING_SCRIPTS, {
-        "TRAIN_IMAGES": [500, 1000, 2500, 5000, 10000, 25000, 50000]
-    }
+    """How many training images before a CNN from scratch catches up with MobileNetV2?"""
+    sizes = [250, 1000, 2500, 5000, 10000, 0]  # 0 = all
+    sweeps = {"TRAIN_IMAGES": sizes, "WEIGHTS": ["imagenet", "none"]}
+    fixed = {"scratch_cnn.py": {}, "transfer_mobilenetv2.py": {"ALPHA": 0.35}}  # fast
+    return {"fixed": fixed, "sweeps": sweeps, "budget": fair_budget}
 
 
 def freeze_depth():
-    """How many layers should stay frozen?"""
-    # MobileNetV2's base has 154 layers: 154 freezes all of it, so only the head learns.
-    return ("transfer_mobilenetv2.py",), {"FREEZE_FIRST": [0, 10, 30, 60, 100, 154]}
+    """How many of MobileNetV2's base layers should stay frozen while fine-tuning?"""
+    layers = [0, 10, 30, 60, 100, 154]  # the base has 154 (input included): head only
+    sweeps = {"FREEZE_FIRST": layers, "TRAIN_IMAGES": [2500, 0]}
+    fixed = {"transfer_mobilenetv2.py": {"ALPHA": 0.35}}
+    return {"fixed": fixed, "sweeps": sweeps, "budget": fair_budget}
 
 
-def resolution():
-    """Is 96 px enough?"""
-    return ("transfer_mobilenetv2.py",), {"IMG_SIZE": [96, 128, 160]}
+def width_and_size():
+    """Which width and image size buy the most accuracy per int8 millisecond?"""
+    sweeps = {"IMG_SIZE": [96, 128, 160], "ALPHA": [0.35, 0.5, 1.0]}
+    fixed = {"transfer_mobilenetv2.py": {"TRAIN_IMAGES": 10000}}  # a subset, to fit
+    study = {"EXPORT": True, "METRIC": "test_accuracy,int8_ms_one_thread"}
+    return {"fixed": fixed, "sweeps": sweeps, "study": study}
 
 
-PRESETS = {
-    preset.__name__: preset for preset in (data_efficiency, freeze_depth, resolution)
-}
+PRESETS = {p.__name__: p for p in (data_efficiency, freeze_depth, width_and_size)}
 
 
 # ---------------------------------------------------------------------------------
-# Command line: presets or scripts, sweeps, seeds, settings for the runs
+# Command line: a preset or scripts, sweeps, seeds, settings for the runs
 
 
 def find_script(name):
-    """The training script a command line names: a preset-free positional argument,
-    with or without .py, next to study.py or as a path."""
+    """(path, defaults) of a training script named with or without .py, or a path."""
     path = Path(name if name.endswith(".py") else name + ".py")
     for candidate in (path, REPO / path):
         if candidate.is_file():
-            script = read_script(candidate)
-            defaults = {key: item.default for key, item in script.settings.items()}
-            if all(setting in defaults for setting in RUN_CONTRACT):
-                return candidate.resolve(), defaults
-            raise ConfigError(f"{name} is not a training script (no run settings)")
-    raise ConfigError(
-        f"unknown preset or script {name!r} (presets: {', '.join(PRESETS)}; "
-        f"scripts: {', '.join(TRAINING_SCRIPTS)})"
-    )
+            found = settings.read_script(candidate).settings
+            defaults = {name: setting.default for name, setting in found.items()}
+            require("RESUME" in defaults, f"{name} is not a training script: no RESUME")
+            return candidate.resolve(), defaults
+    raise ConfigError(f"unknown preset or script {name!r}; presets: {', '.join(PRESETS)}")
 
 
-def split_flag(arg):
-    """('name', 'value') from '--name=value'; a bare '--dry_run' is 'True'."""
-    if arg.startswith("--") and "=" not in arg:
-        name = arg[2:].replace("-", "_").upper()
-        if type(CONFIG.get(name)) is bool:
-            return name.lower(), "True"
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"expected --name=value, got {arg!r}")
-    flag, text = arg[2:].split("=", 1)
-    return flag.replace("-", "_").lower(), text
+def code_files(script):
+    """The script and the modules of its folder it imports, directly or not."""
+    found, todo = [], [Path(script)]
+    while todo:
+        path = todo.pop()
+        for node in ast.walk(ast.parse(path.read_text())) if path not in found else []:
+            names = [alias.name for alias in getattr(node, "names", [])]
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else names
+            modules = [path.parent / f"{name.split('.')[0]}.py" for name in names]
+            todo += [module for module in modules if module.is_file()]
+        found += [path] * (path not in found)
+    return sorted(found)
 
 
 def parse_command_line(argv):
-    """The study a command line asks for, validated against the scripts' config
-    blocks before anything runs: a dict of name, question, scripts (path: defaults),
-    sweeps (NAME: values), seeds, settings (NAME: value, for the scripts that have
-    it) and the study's own config."""
-    positional = [arg for arg in argv if not arg.startswith("-")]
-    flags = [arg for arg in argv if arg.startswith("-")]
-    if not positional:
-        raise ConfigError(
-            f"name a preset ({', '.join(PRESETS)}) or a training script; see --help"
-        )
-    question, sweep_texts = "", []
-    if positional[0] in PRESETS:
-        if len(positional) > 1:
-            raise ConfigError(f"a preset takes no scripts, got {positional[1:]}")
-        preset = PRESETS[positional[0]]
-        names, preset_sweeps = preset()
-        question = preset.__doc__.strip()
-        scripts = dict(find_script(name) for name in names)
-    else:
-        scripts = dict(find_script(name) for name in positional)
-        preset_sweeps = {}
-    config, given = dict(CONFIG), {}
-    for arg in flags:
-        flag, text = split_flag(arg)
-        if flag == "sweep":
-            sweep_texts.append(text)
-        elif flag.upper() in CONFIG:
-            config[flag.upper()] = parse_value(flag, text, CONFIG[flag.upper()])
+    """The study a command line asks for, checked against the scripts' config blocks."""
+    count = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    names = argv[:count]
+    require(names, f"name a preset ({', '.join(PRESETS)}) or a training script")
+    preset = PRESETS.get(names[0], dict)()
+    require(not preset or len(names) == 1, f"a preset takes no scripts, got {names[1:]}")
+    scripts = dict(find_script(name) for name in preset.get("fixed", names))
+    defaults = list(scripts.values())
+    owners = {n: [d for d in defaults if n in d] for d in defaults for n in d}
+    booleans = [n.lower() for d in (CONFIG, *defaults) for n in d if type(d[n]) is bool]
+    config, sweeps, given = {**CONFIG, **preset.get("study", {})}, {}, {}
+    for flag, text in (pairs := settings.split_arguments(argv[count:], booleans)):
+        if sweep := flag == "sweep":
+            require(not preset, "a preset has its own sweep: drop --sweep")
+            flag, colon, text = text.partition(":")
+            flag = flag.replace("-", "_").lower()
+            require(colon, f"--sweep takes setting:value1,value2,..., got {flag!r}")
+        if (name := flag.upper()) in CONFIG and not sweep:
+            config[name] = settings.parse_value(flag, text, CONFIG[name])
+            continue
+        require(name not in ("SEED", "RESUME"), f"--{flag} is the study's to set")
+        if name not in owners:
+            where = " in --sweep" if sweep else ""
+            raise settings.unknown_setting(flag, [*CONFIG, *owners, "SWEEP"], where)
+        texts = [value.strip() for value in text.split(",") if value.strip()]
+        require(texts or not sweep, f"--sweep={flag}: empty value list")
+        taken = name in sweeps or name in NOT_MEASURED
+        require(not (sweep and taken), f"--sweep={flag}: swept twice, or not sweepable")
+        texts = texts if sweep else [text]
+        parse = settings.parse_value  # each script that has the setting must take it
+        values = [parse(flag, text, d[name]) for d in owners[name] for text in texts]
+        if sweep:
+            sweeps[name] = list(dict.fromkeys(values[: len(texts)]))
         else:
-            given[flag] = text
-    if preset_sweeps and sweep_texts:
-        raise ConfigError("a preset has its own sweep: drop --sweep, or name a script")
-    if not preset_sweeps and not sweep_texts:
-        raise ConfigError("nothing to sweep: add --sweep=setting:value1,value2,...")
-
-    def check_name(flag, what):
-        name = flag.upper()
-        if name in ("SEED", "RESUME", "OUT_DIR"):
-            raise ConfigError(
-                f"--{what}{flag} is the study's to set (use --seeds=; a study resumes "
-                f"itself; runs go to OUT_DIR/study/)"
-            )
-        owners = [path for path, defaults in scripts.items() if name in defaults]
-        if not owners:
-            valid = sorted(
-                {n.lower() for d in scripts.values() for n in d}
-                - {"seed", "resume", "out_dir"}
-            )
-            raise ConfigError(
-                f"unknown setting --{what}{flag}: no script of this study has it "
-                f"(settings: {', '.join(valid)})"
-            )
-        return name, owners
-
-    sweeps = {}
-    for name, values in preset_sweeps.items():
-        sweeps[name] = values
-    for text in sweep_texts:
-        flag, _, values_text = text.partition(":")
-        flag = flag.replace("-", "_").lower()
-        if not flag or not _:
-            raise ConfigError(f"--sweep takes setting:value1,value2,..., got {text!r}")
-        name, owners = check_name(flag, "sweep=")
-        if name == "DATA_DIR":
-            raise ConfigError(
-                "a sweep over data_dir is not supported: one study per data set"
-            )
-        if name in sweeps:
-            raise ConfigError(f"--sweep={flag} given twice")
-        texts = [value.strip() for value in values_text.split(",") if value.strip()]
-        if not texts:
-            raise ConfigError(f"--sweep={flag}: empty value list")
-        sweeps[name] = []
-        for value_text in texts:
-            value = parse_value(flag, value_text, scripts[owners[0]][name])
-            if value not in sweeps[name]:
-                sweeps[name].append(value)
-    settings = {}
-    for flag, text in given.items():
-        name, owners = check_name(flag, "")
-        if name in sweeps:
-            raise ConfigError(f"--{flag} is swept in this study: drop one of them")
-        settings[name] = parse_value(flag, text, scripts[owners[0]][name])
-    for name, values in sweeps.items():
-        for path, defaults in scripts.items():
-            if name in defaults:
-                for value in values:
-                    parse_value(name.lower(), str(value), defaults[name])
-    try:
-        seeds = [int(seed) for seed in config["SEEDS"].split(",") if seed.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds takes integers, e.g. 0,1,2; got {config['SEEDS']!r}")
-    if not seeds or min(seeds) < 0:
-        raise ConfigError(
-            f"--seeds takes integers from 0, e.g. 0,1,2; got {config['SEEDS']!r}"
-        )
-    if config["METRIC"] == "":
-        raise ConfigError("--metric is empty: name a key of metrics.json")
-    name = config["STUDY"] or (
-        positional[0]
-        if question
-        else "-".join([*(p.stem for p in scripts), *(n.lower() for n in sweeps)])
-    )
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-        raise ConfigError(f"--study={name!r}: use letters, digits and _.+- only")
-    return {
-        "name": name,
-        "root": Path(config["OUT_DIR"]) / "study" / name,
-        "question": question,
-        "scripts": scripts,
-        "sweeps": sweeps,
-        "seeds": list(dict.fromkeys(seeds)),
-        "settings": settings,
-        "config": config,
-        "argv": [arg for arg in argv if split_flag_name(arg) not in STUDY_ACTIONS],
-    }
-
-
-STUDY_ACTIONS = ("dry_run", "commands", "point")  # flags --commands lines leave out
-
-
-def split_flag_name(arg):
-    return (
-        arg[2:].split("=", 1)[0].replace("-", "_").lower() if arg.startswith("--") else ""
-    )
+            given[name] = values[0]
+    sweeps = sweeps or preset.get("sweeps", {})
+    require(sweeps, "nothing to sweep: add --sweep=setting:value1,value2,...")
+    both = [f"--{name.lower()}" for name in given if name in sweeps]
+    require(not both, f"{', '.join(both)}: swept in this study, so not a setting too")
+    seeds = config["SEEDS"].replace(" ", "").split(",")
+    require(all(map(str.isdigit, seeds)), f"--seeds takes integers, e.g. 0,1,2: {seeds}")
+    metrics = config["METRIC"].replace(" ", "").split(",")
+    require(len(metrics) < 3 and all(metrics), "--metric takes one or two metric names")
+    stems = [path.stem for path in scripts] + [name.lower() for name in sweeps]
+    name = config["STUDY"] or (names[0] if preset else "-".join(stems))
+    require(re.fullmatch(r"[\w.+-]+", name), f"--study={name}: letters, digits, _.+-")
+    code = {p: b"".join(f.read_bytes() for f in code_files(p)) for p in scripts}
+    codes = {path: hashlib.sha256(code[path]).hexdigest()[:8] for path in scripts}
+    fixed = {path: preset.get("fixed", {}).get(path.name, {}) for path in scripts}
+    study = {"name": name, "root": Path(config["OUT_DIR"]) / "study" / name}
+    study |= {"question": PRESETS[names[0]].__doc__ if preset else "", "config": config}
+    study |= {"scripts": scripts, "fixed": fixed, "sweeps": sweeps, "given": given}
+    study |= {"seeds": list(dict.fromkeys(map(int, seeds))), "metrics": metrics}
+    argv = names + [f"--{f}={t}" for f, t in pairs if f not in STUDY_ACTIONS]
+    return study | {"budget": preset.get("budget"), "argv": argv, "codes": codes}
 
 
 # ---------------------------------------------------------------------------------
 # Points: one run of one script at one combination of swept values and one seed
 
 
-def format_value(value):
-    """A value as a script's --name=value parses it back."""
-    return value if isinstance(value, str) else repr(value)
-
-
 def make_points(study):
-    """Every point, seed by seed, so a full curve exists after the first seed."""
-    root, points = study["root"], []
-    combos = [{}]
+    """Every point, seed by seed (a whole curve exists after the first seed); a swept
+    setting goes to the scripts that have it, a budget hook adds settings it derives."""
+    combos, points, scripts = [{}], {}, study["scripts"].items()
     for name, values in study["sweeps"].items():
         combos = [{**combo, name: value} for combo in combos for value in values]
-    for seed in study["seeds"]:
-        for path, defaults in study["scripts"].items():
-            for combo in combos:
-                swept = {name: value for name, value in combo.items() if name in defaults}
-                if len(swept) < len(combo) and any(
-                    points_equal(p, path, swept, seed) for p in points
-                ):
-                    continue  # a setting this script does not have: one point will do
-                settings = {
-                    name: value
-                    for name, value in study["settings"].items()
-                    if name in defaults
-                }
-                settings.update(swept)
-                measured = {
-                    name: value
-                    for name, value in {**defaults, **settings, "SEED": seed}.items()
-                    if name not in NOT_MEASURED
-                }
-                digest = hashlib.sha256(
-                    json.dumps([path.stem, measured], sort_keys=True).encode()
-                ).hexdigest()[:8]
-                label = "-".join(
-                    f"{name.lower()}={re.sub(r'[^A-Za-z0-9.+-]', '_', str(value))[:24]}"
-                    for name, value in swept.items()
-                )
-                point_id = "-".join(
-                    filter(None, [path.stem, label, f"seed={seed}", digest])
-                )
-                points.append(
-                    {
-                        "id": point_id,
-                        "dir": root / point_id,
-                        "script": path,
-                        "swept": swept,
-                        "seed": seed,
-                        "settings": settings,
-                        "config": {**defaults, **settings, "SEED": seed},
-                    }
-                )
-    return points
-
-
-def points_equal(point, path, swept, seed):
-    return point["script"] == path and point["swept"] == swept and point["seed"] == seed
-
-
-def run_dirs(point_dir):
-    """The script's run folders inside a point folder, oldest first."""
-    found = [path.parent for path in Path(point_dir).glob("*/*/config.json")]
-    return sorted(found, key=lambda path: path.name)
-
-
-def finished_run(point):
-    return next(
-        (run for run in run_dirs(point["dir"]) if (run / "metrics.json").is_file()), None
-    )
-
-
-def read_attempts(point):
-    path = point["dir"] / "attempts.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def run_to_resume(point, attempts):
-    """The newest unfinished run folder no failed attempt left behind, or None."""
-    failed = {
-        attempt["run_dir"] for attempt in attempts if attempt["outcome"] == "failed"
-    }
-    unfinished = [
-        run
-        for run in run_dirs(point["dir"])
-        if not (run / "metrics.json").is_file() and str(run) not in failed
-    ]
-    return unfinished[-1] if unfinished else None
-
-
-def new_run_command(point, python=sys.executable):
-    return [
-        python,
-        str(point["script"]),
-        *[f"--{name.lower()}={format_value(v)}" for name, v in point["settings"].items()],
-        f"--seed={point['seed']}",
-        f"--out_dir={point['dir']}",
-    ]
-
-
-def resume_command(point, run_dir, python=sys.executable):
-    """A resumed run keeps its saved settings: only where things are and how much
-    to print may be given again."""
-    kept = [
-        f"--{name.lower()}={format_value(value)}"
-        for name, value in point["settings"].items()
-        if name in NOT_MEASURED
-    ]
-    return [
-        python,
-        str(point["script"]),
-        f"--resume={run_dir}",
-        f"--out_dir={point['dir']}",
-        *kept,
-    ]
-
-
-# ---------------------------------------------------------------------------------
-# Claims: an exclusive lock per point, held by the process that trains it
-
-
-def claim_point(point_dir):
-    """(file descriptor, None) once this process holds the point's lock, or (None,
-    who holds it). The lock is flock(2) on claim.lock: the kernel drops it when the
-    last process holding it ends, so a claim never outlives its trainer, and the
-    training child inherits it, so it holds while the run lives even if study.py is
-    killed. On a shared file system this needs working locks (NFSv4 has them)."""
-    Path(point_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(point_dir) / "claim.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        return None, holder
-    os.ftruncate(fd, 0)
-    os.pwrite(
-        fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0
-    )
-    return fd, None
-
-
-def claim_holder(point_dir):
-    """Who holds the point's lock right now, or None; takes nothing."""
-    lock = Path(point_dir) / "claim.lock"
-    if not lock.is_file():
-        return None
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------
-# Run: each point as a child process of the real script
-
-
-def now():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{os.uname().machine}, {os.cpu_count()} cores"
-
-
-def last_error(path, offset):
-    """The last line a failed run wrote on stderr, TensorFlow's start-up notices aside."""
-    with open(path, "rb") as file:
-        file.seek(offset)
-        lines = file.read().decode(errors="replace").splitlines()
-    lines = [line.strip() for line in lines if line.strip() and not TF_NOTICE.match(line)]
-    return lines[-1][:300] if lines else "no message on stderr"
-
-
-class Interrupted(Exception):
-    pass
-
-
-def run_point(point, fd):
-    """Train (or resume) one claimed point; returns its attempt record. The child
-    runs in a session of its own, so Ctrl-C reaches it once, from here, and it saves
-    and stops as the script does on Ctrl-C; this then raises Interrupted."""
-    attempts = read_attempts(point)
-    resume = run_to_resume(point, attempts)
-    command = resume_command(point, resume) if resume else new_run_command(point)
-    write_json(
-        point["dir"] / "point.json",
-        {
-            key: point[key]
-            for key in ("id", "script", "swept", "seed", "settings", "config")
-        },
-    )
-    stdout_path, stderr_path = point["dir"] / "stdout.log", point["dir"] / "stderr.log"
-    before = set(run_dirs(point["dir"]))
-    started, start = now(), time.perf_counter()
-    with open(stdout_path, "ab") as stdout, open(stderr_path, "ab") as stderr:
-        header = f"=== {started} {shlex.join(command)}\n".encode()
-        stdout.write(header), stderr.write(header)
-        stdout.flush(), stderr.flush()
-        offset = stderr.tell()
-        child = subprocess.Popen(
-            command, stdout=stdout, stderr=stderr, pass_fds=(fd,), start_new_session=True
-        )
-        interrupted = False
-        while True:
-            try:
-                returncode = child.wait()
-                break
-            except KeyboardInterrupt:
-                interrupted = True
-                child.send_signal(signal.SIGINT)
-    new_runs = sorted(set(run_dirs(point["dir"])) - before)
-    run_dir = resume or (new_runs[-1] if new_runs else None)
-    if finished_run(point) and returncode == 0:
-        outcome, error = "finished", ""
-    elif interrupted:
-        outcome, error = "interrupted", ""
-    else:
-        outcome = "failed"
-        error = last_error(stderr_path, offset) if returncode else "no metrics.json"
-    attempt = {
-        "started": started,
-        "seconds": round(time.perf_counter() - start, 1),
-        "outcome": outcome,
-        "returncode": returncode,
-        "error": error,
-        "run_dir": str(run_dir) if run_dir else "",
-        "resumed": bool(resume),
-        "command": shlex.join(command),
-        "host": socket.gethostname(),
-        "cpu": cpu_name(),
-    }
-    with open(point["dir"] / "attempts.jsonl", "a") as file:
-        file.write(json.dumps(attempt) + "\n")
-    if interrupted:
-        raise Interrupted(point, run_dir)
-    return attempt
-
-
-def write_text(path, text):
-    """Whole or not at all: readers never see half a file."""
-    partial = Path(path).with_name(Path(path).name + f".{os.getpid()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-def write_json(path, payload):
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    for seed, (path, defaults), combo in product(study["seeds"], scripts, combos):
+        swept = {name: value for name, value in combo.items() if name in defaults}
+        given = {n: v for n, v in study["given"].items() if n in defaults}
+        run_settings = {**study["fixed"][path], **given, **swept}
+        config = {**defaults, **run_settings, "SEED": seed}
+        extra = study["budget"](config, study["config"]) if study["budget"] else {}
+        extra = {name: value for name, value in extra.items() if name not in given}
+        config, run_settings = config | extra, run_settings | extra
+        measured = {n: v for n, v in config.items() if n not in NOT_MEASURED}
+        key = hashlib.sha256(json.dumps([path.stem, measured], sort_keys=True).encode())
+        key, code = key.hexdigest()[:8], study["codes"][path]
+        values = {n.lower(): re.sub(UNSAFE, "_", str(v))[:24] for n, v in swept.items()}
+        values = [f"{name}={value}" for name, value in values.items()]
+        point_id = "-".join([path.stem, *values, f"seed={seed}", key, f"code={code}"])
+        point = {"id": point_id, "dir": study["root"] / point_id, "script": path}
+        point |= {"key": key, "code": code, "swept": swept, "extra": extra, "seed": seed}
+        points[point_id] = point | {"config": config, "settings": run_settings}
+    return list(points.values())
 
 
 def describe(point):
-    swept = " ".join(f"{n.lower()}={format_value(v)}" for n, v in point["swept"].items())
-    return f"{point['script'].stem} {swept} seed={point['seed']}".replace("  ", " ")
+    """A point for the terminal: model, swept and budget values, seed."""
+    values = {**point["swept"], **point["extra"]}.items()
+    shown = [f"{label(n)} {show(n, v)}" for n, v in values if n not in MODELS]
+    model = settings.model_name(point["script"].stem, point["config"])
+    return ", ".join([model, *shown, f"seed {point['seed']}"])
+
+
+def state(point, export=False):
+    """What a point's folder holds: the finished "run", "done" (and exported, if asked),
+    the run to "resume" (newest unfinished, not failed), all "runs", the "attempts",
+    their "seconds", and whether runs of its settings by "other_code" exist (unused)."""
+    stem, log = point["script"].stem, point["dir"] / "attempts.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    attempts = [json.loads(line) for line in lines]
+    failed = {a["run_dir"] for a in attempts if a["outcome"] == "failed"}
+    finished, unfinished = (settings.list_runs(point["dir"], stem, f) for f in (1, 0))
+    resume = [run for run in unfinished if str(run) not in failed][-1:] or [None]
+    run = finished[0] if finished else None
+    others = point["dir"].parent.glob(f"*-{point['key']}-code=*")
+    others = [f for f in others if f != point["dir"] and settings.list_runs(f, stem, 1)]
+    done = run is not None and (not export or (run / EXPORTED).is_file())
+    found = {"run": run, "done": done, "resume": resume[0], "other_code": bool(others)}
+    spent = sum(attempt["seconds"] for attempt in attempts)
+    return found | {"runs": finished + unfinished, "attempts": attempts, "seconds": spent}
+
+
+# ---------------------------------------------------------------------------------
+# Run: each point a child process of the real script, under a claim
+
+
+def claim_point(point_dir, take=True):
+    """(file descriptor, None) once this process holds the point's flock(2) lock, else
+    (None, its holder); take=False only looks. The training child inherits the lock and
+    the kernel drops it with its last holder: a claim lives as long as its trainer."""
+    lock = Path(point_dir) / "claim.lock"
+    if not take and not lock.is_file():
+        return None, None
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if take else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        return os.close(fd), holder
+    if not take:
+        return os.close(fd), None
+    os.ftruncate(fd, 0)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename} since {since}\n".encode())
+    return fd, None
+
+
+def attempt(point, fd, step):
+    """Train (or resume) a claimed point's run, or export it (`step`), in a session of
+    its own: Ctrl-C reaches it once, from here, and it saves and stops as on Ctrl-C.
+    Records the attempt in attempts.jsonl; raises settings.Interrupted after Ctrl-C."""
+    before = state(point)
+    run, resume = before["run"], before["resume"] if step == "train" else None
+    flags = [as_flag(*item) for item in point["settings"].items()]
+    if resume:  # a resumed run keeps its saved settings but where and how loud
+        flags = [as_flag(n, v) for n, v in point["settings"].items() if n in NOT_MEASURED]
+    flags += [f"--resume={resume}"] if resume else [f"--seed={point['seed']}"]
+    command = [point["script"], *flags, f"--out_dir={point['dir']}"]
+    if step == "export":
+        command = [REPO / "export.py", f"--run={run}", "--forms=int8"]
+    command, start = [sys.executable, *map(str, command)], time.time()
+    started, interrupted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), False
+    logs = [point["dir"] / f"{name}.log" for name in ("stdout", "stderr")]
+    with open(logs[0], "ab", 0) as out, open(logs[1], "ab", 0) as err:  # unbuffered
+        for log in (out, err):
+            log.write(f"=== {started} {shlex.join(command)}\n".encode())
+        offset, session = err.tell(), {"pass_fds": (fd,), "start_new_session": True}
+        child = subprocess.Popen(command, stdout=out, stderr=err, **session)
+        while child.returncode is None:
+            try:
+                child.wait()
+            except KeyboardInterrupt:
+                interrupted = True
+                child.send_signal(signal.SIGINT)
+    with open(logs[1], "rb") as file, io.BytesIO() as kept:  # less TensorFlow's notices
+        file.seek(offset)
+        settings.forward_messages(file, kept)
+        lines = kept.getvalue().decode(errors="replace").strip().splitlines()
+    error = lines[-1].strip()[:300] if lines else ""
+    after = state(point, export=step == "export")
+    new = [folder for folder in after["runs"] if folder not in before["runs"]]
+    run_dir = run or resume or (new[-1] if new else "")
+    done = after["done"] and not child.returncode
+    outcome = "finished" if done else "interrupted" if interrupted else "failed"
+    error = (error or f"{step}: no results") if outcome == "failed" else ""
+    record = {"step": step, "started": started, "outcome": outcome, "error": error}
+    record |= {"seconds": round(time.time() - start, 1), "resumed": bool(resume)}
+    record |= {"returncode": child.returncode, "run_dir": str(run_dir)}
+    cpu = f"{settings.cpu_name()}, {os.cpu_count()} cores"
+    record |= {"command": shlex.join(command), "code": point["code"], "cpu": cpu}
+    with open(point["dir"] / "attempts.jsonl", "a") as file:
+        file.write(json.dumps(record) + "\n")
+    kept = f"; its run {run_dir} is kept" if run_dir else ""
+    if interrupted:
+        raise settings.Interrupted(f"interrupted at {point['id']}{kept}. {AGAIN}")
+    return record
 
 
 def run_study(study, points):
     """Run every unfinished point this process can claim; returns the failed ones."""
-    todo = [p for p in points if not finished_run(p)]
-    print(
-        f"study {study['name']}: {len(points)} points, {len(points) - len(todo)} "
-        f"finished, {len(todo)} to run, in {study['root']}"
-    )
-    failed, skipped = [], []
+    export, metrics = study["config"]["EXPORT"], study["metrics"]
+    todo = [point for point in points if not state(point, export)["done"]]
+    done, name = len(points) - len(todo), study["name"]
+    print(f"study {name}: {len(points)} points, {done} finished, {len(todo)} to run")
+    failed = []
     for index, point in enumerate(todo, 1):
         fd, holder = claim_point(point["dir"])
+        print(f"[{index}/{len(todo)}] {describe(point)}: ", end="")
         if fd is None:
-            print(
-                f"[{index}/{len(todo)}] {describe(point)}: skipped, claimed by {holder}"
-            )
-            skipped.append(point)
+            print(f"skipped, claimed by {holder}; rerun once it ends to collect it")
             continue
         try:
-            if finished_run(point):  # finished by another process meanwhile
-                continue
-            print(
-                f"[{index}/{len(todo)}] {describe(point)}: running "
-                f"(log: {point['dir'] / 'stdout.log'})",
-                flush=True,
-            )
-            attempt = run_point(point, fd)
+            print("running", flush=True)
+            record = None if state(point)["run"] else attempt(point, fd, "train")
+            if state(point)["run"] and not state(point, export)["done"]:
+                record = attempt(point, fd, "export")
         finally:
             os.close(fd)
-        if attempt["outcome"] == "finished":
-            metric = study["config"]["METRIC"]
-            value = read_metric(finished_run(point), metric)
-            print(f"    done in {attempt['seconds']:.0f} s: {metric} {value}")
-        else:
-            print(f"    failed (exit {attempt['returncode']}): {attempt['error']}")
-            failed.append((point, attempt))
-    if skipped:
-        print(
-            f"{len(skipped)} point(s) are being trained by other processes: "
-            f"run the same command again once they end, to collect them"
-        )
+        if record and record["outcome"] == "finished":
+            found = read_metrics(state(point)["run"])
+            shown = ", ".join(f"{label(m)} {number(found.get(m))}" for m in metrics)
+            print(f"    done in {record['seconds']:.0f} s: {shown}")
+        elif record:
+            print(f"    failed (exit {record['returncode']}): {record['error']}")
+            failed.append((point, record))
     return failed
 
 
-# ---------------------------------------------------------------------------------
-# Estimate: remaining time from the runs already done
-
-
-def read_metric(run_dir, metric):
-    """A metric of a finished run, as printed: 4 decimals for fractions."""
-    value = json.loads((run_dir / "metrics.json").read_text()).get(metric, "missing")
-    return number(value) if type(value) in (int, float) else value
-
-
-def wall_seconds(point):
-    """Time the finished point took, over all its attempts; None without a record."""
-    attempts = read_attempts(point)
-    if not attempts:
-        return None
-    return sum(attempt["seconds"] for attempt in attempts)
-
-
-def estimate(points):
-    """(seconds, unfinished points estimated, unfinished points without a basis, runs
-    used): each unfinished point costs the mean of its own setting's finished seeds,
-    else the mean of its script's finished runs."""
-    done = [(p, wall_seconds(p)) for p in points if finished_run(p)]
-    done = [(p, seconds) for p, seconds in done if seconds is not None]
-    total, counted, unknown = 0.0, 0, 0
-    for point in points:
-        if finished_run(point):
-            continue
-        same = [
-            s
-            for p, s in done
-            if p["script"] == point["script"] and p["swept"] == point["swept"]
-        ]
-        same = same or [s for p, s in done if p["script"] == point["script"]]
-        if same:
-            total += statistics.mean(same)
-            counted += 1
-        else:
-            unknown += 1
-    return total, counted, unknown, len(done)
-
-
-def duration(seconds):
-    minutes = round(seconds / 60)
-    if minutes < 1:
-        return f"{seconds:.0f} s"
-    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
-
-
 def dry_run(study, points):
+    """Each point's state, and a time ESTIMATE from the finished points' wall times."""
+    export, metric = study["config"]["EXPORT"], study["metrics"][0]
+    states = [state(point, export) for point in points]
+    timed = [(p, s["seconds"]) for p, s in zip(points, states) if s["done"]]
+    total, counted = 0.0, 0
     print(f"study {study['name']}: {len(points)} points in {study['root']}")
-    metric = study["config"]["METRIC"]
-    for point in points:
-        run = finished_run(point)
-        attempts = read_attempts(point)
-        holder = claim_holder(point["dir"])
-        if run:
-            seconds = wall_seconds(point)
-            state = f"finished  {metric} {read_metric(run, metric)}"
-            state += f" ({seconds:.0f} s)" if seconds else ""
+    for point, found in zip(points, states):
+        holder, attempts = claim_point(point["dir"], take=False)[1], found["attempts"]
+        text = "to export" if found["run"] else "to run"
+        text += " (finished with other code)" * found["other_code"]
+        if found["done"]:
+            value = number(read_metrics(found["run"]).get(metric))
+            text = f"finished  {label(metric)} {value} ({found['seconds']:.0f} s)"
         elif holder:
-            state = f"running   claimed by {holder}"
+            text = f"running   claimed by {holder}"
         elif attempts and attempts[-1]["outcome"] == "failed":
-            state = f"failed    {attempts[-1]['error']}"
-        elif run_to_resume(point, attempts):
-            state = f"resumes   {run_to_resume(point, attempts)}"
-        else:
-            state = "to run"
-        print(f"  {describe(point):<50} {state}")
-    seconds, counted, unknown, used = estimate(points)
-    left = sum(1 for point in points if not finished_run(point))
-    if not left:
-        print("all points finished")
-    elif not used:
-        print(f"ESTIMATE: none yet for {left} points: no finished run to time")
-    else:
-        unknown = f"; {unknown} more with no finished run of their script" * bool(unknown)
-        print(
-            f"ESTIMATE (from {used} finished runs, not a measurement): about "
-            f"{duration(seconds)} for {counted} of {left} unfinished points, "
-            f"one at a time{unknown}"
-        )
-
-
-def commands(study, points):
-    """The command that trains each unfinished point, claim and resume included."""
-    for point in points:
-        if not finished_run(point):
-            print(
-                shlex.join(
-                    [
-                        sys.executable,
-                        sys.argv[0],
-                        *study["argv"],
-                        f"--point={point['id']}",
-                    ]
-                )
-            )
+            text = f"failed    {attempts[-1]['error']}"
+        elif found["resume"]:
+            text = f"resumes   {found['resume'].name}"
+        print(f"  {describe(point):<64} {text}")
+        mine = [(p["swept"], s) for p, s in timed if p["script"] == point["script"]]
+        same = [s for swept, s in mine if swept == point["swept"]] or [s for _, s in mine]
+        if not found["done"]:
+            total, counted = total + sum(same) / max(len(same), 1), counted + bool(same)
+    left = sum(not found["done"] for found in states)
+    redo = sum(found["other_code"] for found in states if not found["done"])
+    print(f"{len(points) - left} finished, {left} to run ({redo} with other code, rerun)")
+    hours = f"{total / 3600:.1f} h" if total > 3600 else f"{total / 60:.1f} min"
+    estimate = f"about {hours} for {counted} of {left} unfinished points, one at a time"
+    basis = f"ESTIMATE (from {len(timed)} finished points, not a measurement): "
+    if left and not timed:
+        print("ESTIMATE: cannot estimate yet: no finished point to time")
+    elif left:
+        print(basis + estimate)
 
 
 # ---------------------------------------------------------------------------------
-# Save/Report: study_<name>.csv, .md and .png from the finished runs
+# Save/Report: study_<name>.csv (a row per run), .md (a row per point) and .png
 
 
-def check_metric(study, points):
-    """Stop before any run if the finished runs already show --metric is no number."""
-    for point in points:
-        if finished_run(point):
-            collect(study, [point])
-            return
-
-
-def collect(study, points):
-    """One row per finished run: the point, its swept values, seed, wall time and
-    every number of its metrics.json."""
-    rows = []
-    for point in points:
-        run = finished_run(point)
-        if run is None:
-            continue
-        metrics = json.loads((run / "metrics.json").read_text())
-        config = json.loads((run / "config.json").read_text())
-        rows.append(
-            {
-                "point": point,
-                "metrics": metrics,
-                "wall_seconds": wall_seconds(point),
-                "run_dir": run,
-                "data_source": str(config.get("data_source", "")),
-            }
-        )
-    metric = study["config"]["METRIC"]
-    numeric = lambda value: type(value) in (int, float)  # noqa: E731
-    for row in rows:
-        if not numeric(row["metrics"].get(metric)):
-            valid = [k for k, v in row["metrics"].items() if numeric(v)]
-            raise ConfigError(
-                f"--metric={metric} is not a number in {row['run_dir']}/metrics.json "
-                f"(numeric keys: {', '.join(valid)})"
-            )
-    return rows
-
-
-def summarise(study, rows):
-    """Per point (script and swept values): values over seeds and times per run."""
-    groups = {}
-    for row in rows:
-        point = row["point"]
-        key = (point["script"].stem, tuple(point["swept"].items()))
-        groups.setdefault(key, []).append(row)
-    metric = study["config"]["METRIC"]
-    summary = []
-    for (script, swept), group in groups.items():
-        values = [row["metrics"][metric] for row in group]
-        walls = [row["wall_seconds"] for row in group if row["wall_seconds"] is not None]
-        summary.append(
-            {
-                "script": script,
-                "swept": dict(swept),
-                "values": values,
-                "mean": statistics.mean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
-                "count": len(values),
-                "wall": statistics.mean(walls) if walls else None,
-                "train": statistics.mean(
-                    row["metrics"].get("train_seconds", 0) for row in group
-                ),
-            }
-        )
-    return summary
-
-
-def write_csv(path, study, rows):
-    swept_names = list(study["sweeps"])
-    metric_keys = list(dict.fromkeys(k for row in rows for k in row["metrics"]))
-    with open(path.with_name(path.name + ".partial"), "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(
-            ["study", "script", *[n.lower() for n in swept_names], "seed", *metric_keys,
-             "wall_seconds", "point", "run_dir"]
-        )  # fmt: skip
-        for row in rows:
-            point = row["point"]
-            writer.writerow(
-                [study["name"], point["script"].stem,
-                 *[point["swept"].get(n, "") for n in swept_names], point["seed"],
-                 *[row["metrics"].get(k, "") for k in metric_keys],
-                 row["wall_seconds"] if row["wall_seconds"] is not None else "",
-                 point["id"], row["run_dir"]]
-            )  # fmt: skip
-    path.with_name(path.name + ".partial").replace(path)
-
-
-def data_label(study, rows):
-    sources = sorted({row["data_source"] for row in rows if row["data_source"]})
-    return study["config"]["DATA_LABEL"] or "; ".join(sources) or "unknown"
-
-
-def settings_text(study):
-    """The settings given to every run, where things are and how much to print aside."""
-    given = ", ".join(
-        f"{name.lower()}={format_value(value)}"
-        for name, value in study["settings"].items()
-        if name not in NOT_MEASURED
-    )
-    return given or "each script's defaults"
-
-
-def machines(points):
-    found = {
-        f"{a['host']} ({a['cpu']})"
-        for p in points
-        for a in read_attempts(p)
-        if a["outcome"] == "finished"
-    }
-    return "; ".join(sorted(found)) or "not recorded"
-
-
-def write_markdown(path, study, summary, rows, points):
-    metric = study["config"]["METRIC"]
-    swept_names = [n.lower() for n in study["sweeps"]]
-    lines = [
-        f"# Study: {study['name']}",
-        "",
-        *([f"**{study['question']}**", ""] if study["question"] else []),
-        f"Command: `{shlex.join(['python', 'study.py', *study['argv']])}`",
-        "",
-        f"- metric: `{metric}` (metrics.json), mean and standard deviation over seeds "
-        f"{', '.join(map(str, study['seeds']))}",
-        f"- settings given to every run: {settings_text(study)}",
-        f"- data: {data_label(study, rows)}",
-        f"- machine(s) that trained: {machines(points)}",
-        "",
-        f"| script | {' | '.join(swept_names)} | runs | mean | std "
-        f"| wall s per run | train s per run |",
-        "|---|" + "---|" * len(swept_names) + "---|---|---|---|---|",
-    ]
-    for row in sorted(
-        summary, key=lambda r: (r["script"], sort_key(list(r["swept"].values())))
-    ):
-        cells = [format_cell(row["swept"].get(n.upper(), "-")) for n in swept_names]
-        std = "-" if math.isnan(row["std"]) else number(row["std"])
-        wall = "-" if row["wall"] is None else f"{row['wall']:.0f}"
-        lines.append(
-            f"| {row['script']} | {' | '.join(cells)} | {row['count']} | "
-            f"{number(row['mean'])} | {std} | {wall} | {row['train']:.0f} |"
-        )
-    unfinished = [p for p in points if not finished_run(p)]
-    if unfinished:
-        lines += ["", f"Unfinished points ({len(unfinished)}):", ""]
-        for point in unfinished:
-            attempts = read_attempts(point)
-            failed = attempts and attempts[-1]["outcome"] == "failed"
-            error = f": failed: {attempts[-1]['error']}" if failed else ""
-            lines.append(f"- `{point['id']}`{error}")
-    write_text(path, "\n".join(lines) + "\n")
+def read_metrics(run):
+    """The numbers of a run's metrics.json, and of export/export.json where it has one."""
+    found = settings.read_json(run / EXPORTED) if (run / EXPORTED).is_file() else {}
+    found |= settings.read_json(run / "metrics.json")
+    return {key: value for key, value in found.items() if type(value) in (int, float)}
 
 
 def number(value):
-    """4 decimals for fractions such as accuracies, 1 for larger numbers."""
-    if type(value) is int:
-        return f"{value:,}"
+    """4 decimals for fractions such as accuracies, 1 for larger numbers; - for none."""
+    if value is None or math.isnan(value):
+        return "-"
     return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
 
 
-def format_cell(value):
-    return f"{value:,}" if type(value) is int else format_value(value)
+def value_columns(study, points):
+    """{NAME: column} of the swept settings and of the settings a budget derives."""
+    extra = [name for point in points for name in point["extra"]]
+    return {name: label(name) for name in [*study["sweeps"], *extra]}
 
 
-def sort_key(values):
-    return [(0, v, "") if type(v) in (int, float) else (1, 0, str(v)) for v in values]
+def collect(study, points):
+    """A row per finished point: model, line, values, seed, code, numbers, folders."""
+    rows, x_name, columns = [], next(iter(study["sweeps"])), value_columns(study, points)
+    others = [name for name in list(study["sweeps"])[1:] if name not in MODELS]
+    for point, found in ((point, state(point)) for point in points):
+        if not (run := found["run"]):
+            continue
+        metrics, saved = read_metrics(run), settings.read_json(run / "config.json")
+        missing = ",".join(metric for metric in study["metrics"] if metric not in metrics)
+        numbers = f"numbers there: {', '.join(metrics)}; --export adds int8_*"
+        require(not missing, f"--metric={missing}: not in {run}/metrics.json ({numbers})")
+        config, stem = saved["config"], point["script"].stem
+        at_x = {x_name: study["scripts"][point["script"]].get(x_name)}  # x shows it
+        line = [settings.model_name(stem, config | at_x if x_name in MODELS else config)]
+        line += [f"{label(n)} {show(n, config[n])}" for n in others if n in config]
+        row = {"model": settings.model_name(stem, config), "line": ", ".join(line)}
+        row |= {column: config.get(name, "-") for name, column in columns.items()}
+        row |= {"seed": point["seed"], "code": point["code"], "script": stem}
+        row |= {label(key): value for key, value in metrics.items()}
+        row |= {"wall seconds": found["seconds"], "point": point["id"]}
+        data = study["config"]["DATA_LABEL"] or Path(saved.get("data_source") or "?").name
+        rows.append(row | {"run": str(run.relative_to(study["root"])), "data": data})
+    return rows
 
 
-def axis_kind(values):
-    """ "log", "symlog", "linear" or "category" for a swept setting's values."""
-    if not all(type(v) in (int, float) for v in values):
-        return "category"
-    positive = [v for v in values if v > 0]
-    if (
-        len(positive) > 1
-        and max(positive) / min(positive) >= LOG_SPAN
-        and min(values) >= 0
-    ):
-        return "log" if len(positive) == len(values) else "symlog"
-    return "linear"
+def tables(study, points):
+    """(runs, summary): a row per finished run, and per point each metric's mean, sd, n
+    and the half-width (ci) of the 95% confidence interval of the mean (Student's t)."""
+    import pandas as pd
+    from scipy import stats
+
+    runs = pd.DataFrame(collect(study, points))
+    if runs.empty:
+        return runs, runs
+    keys = ["line", "model", *value_columns(study, points).values()]
+    groups = runs.groupby(keys, sort=False)
+    codes = ("code", lambda codes: " ".join(sorted(set(codes))))
+    summary = groups.agg(n=("seed", "count"), code=codes, wall=("wall seconds", "mean"))
+    summary = summary.reset_index()
+    t = stats.t.ppf(0.975, summary["n"] - 1)  # n - 1 degrees of freedom
+    for metric in map(label, study["metrics"]):
+        summary[metric] = groups[metric].mean().to_numpy()
+        summary[metric + " sd"] = groups[metric].std().to_numpy()
+        summary[metric + " ci"] = t * summary[metric + " sd"] / summary["n"] ** 0.5
+    return runs, summary.sort_values("line", kind="stable")
 
 
-def line_colours(lines):
-    """{label: colour}: each script in its colour (evaluate.py's); several lines of
-    one script (a second swept setting) in shades of it."""
-    import matplotlib
-
-    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    by_script = {}
-    for label, group in lines.items():
-        by_script.setdefault(group[0]["script"], []).append(label)
-    colours = {}
-    for index, (script, labels) in enumerate(by_script.items()):
-        if script not in COLOURS:
-            colours.update(
-                {label: cycle[(index + len(COLOURS)) % len(cycle)] for label in labels}
-            )
-        elif len(labels) == 1:
-            colours[labels[0]] = COLOURS[script]
-        else:
-            shades = matplotlib.colormaps[SHADES[script]]
-            for rank, label in enumerate(labels):
-                colours[label] = shades(0.45 + 0.5 * rank / (len(labels) - 1))
-    return colours
+def settings_text(study):
+    """The settings given to every run, where they are and how loud aside."""
+    given = {n: v for path in study["scripts"] for n, v in study["fixed"][path].items()}
+    given = (given | study["given"]).items()
+    shown = [as_flag(name, value) for name, value in given if name not in NOT_MEASURED]
+    return " ".join(shown) or "each script's defaults"
 
 
-def plot(path, study, summary, rows):
-    """The metric against the first swept setting: a line per script (and value of a
-    second swept setting), the mean over seeds with a band of one standard deviation
-    and a dot per run; log x where the setting spans two decades or more."""
+def markdown(study, runs, summary, points):
+    """study_<name>.md: what was measured and how, the table, unfinished points."""
+    metrics, name = [label(metric) for metric in study["metrics"]], study["name"]
+    columns = {n: c for n, c in value_columns(study, points).items() if n not in MODELS}
+    header = ["model", *columns.values(), "n"]
+    header += [h for m in metrics for h in (f"mean {m}", "sd", "95% CI")]
+    rows = []
+    for row in summary.to_dict("records"):
+        cells = [row["model"], *(show(n, row[c]) for n, c in columns.items()), row["n"]]
+        for m in metrics:
+            low, high = number(row[m] - row[m + " ci"]), number(row[m] + row[m + " ci"])
+            cells += [number(row[m]), number(row[m + " sd"]), f"{low} to {high}"]
+        rows.append(cells + [row["code"], f"{row['wall']:.0f}"])
+    states = [state(point, study["config"]["EXPORT"]) for point in points]
+    cpus = {a["cpu"] for s in states for a in s["attempts"] if a["outcome"] == "finished"}
+    budget = " ".join((study["budget"].__doc__ or "").split()) if study["budget"] else "-"
+    seeds, student = ", ".join(map(str, study["seeds"])), "Student's t, n - 1 d.f."
+    stats = f"the mean over seeds {seeds}, standard deviation (sd), number of runs (n)"
+    lines = [
+        f"# Study: {name}\n\n**{study['question'] or ', '.join(metrics)}**\n",
+        f"Reproduce: `{shlex.join(['python', 'study.py', *study['argv']])}`\n",
+        f"- data: {'; '.join(sorted(set(runs['data'])))}",
+        f"- per point: {stats} and the 95% confidence interval of the mean ({student})",
+        f"- settings given to every run: {settings_text(study)}; budget: {budget}",
+        "- code: hash of the script and modules it imports; other code reruns a point",
+        f"- CPU: {'; '.join(sorted(cpus)) or 'not recorded'}",
+        f"- every run: study_{name}.csv; figure: study_{name}.png\n",
+        settings.markdown_table(header + ["code", "wall s per run"], rows),
+    ]
+    unfinished = [(p, s["attempts"]) for p, s in zip(points, states) if not s["done"]]
+    lines += [f"\nUnfinished points ({len(unfinished)}):\n"][: len(unfinished)]
+    for point, attempts in unfinished:
+        failed = attempts and attempts[-1]["outcome"] == "failed"
+        error = f": failed: {attempts[-1]['error']}" if failed else ""
+        lines.append(f"- `{point['id']}`{error}")
+    return "\n".join(lines) + "\n"
+
+
+def draw(study, runs, summary):
+    """The first metric against the first swept setting (or the second metric): a line
+    per model and other swept values, means with 95% intervals, a dot per run."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
-    metric = study["config"]["METRIC"]
-    x_name, *other_names = study["sweeps"]
-    x_values = sorted(study["sweeps"][x_name], key=lambda value: sort_key([value]))
-    kind = axis_kind(x_values)
-    if kind == "category":
-        position = {value: index for index, value in enumerate(x_values)}
-    else:
-        position = {value: value for value in x_values}
-    lines = {}
-    for row in summary:
-        others = [
-            f"{name.lower()}={format_value(row['swept'][name])}"
-            for name in other_names
-            if name in row["swept"]
-        ]
-        lines.setdefault(", ".join([row["script"], *others]), []).append(row)
+    metrics, x_name = [label(m) for m in study["metrics"]], next(iter(study["sweeps"]))
+    x_column, values, two = label(x_name), study["sweeps"][x_name], len(metrics) > 1
+    numeric = all(type(value) in (int, float) for value in values)
+    position = {v: i for i, v in enumerate(values)}  # categories, in the sweep's order
+    if numeric:  # 0 = all training images: right of the largest size
+        largest = max([value for value in values if value] or [1])
+        position = {v: v or 2 * largest if x_name in ZERO_MEANS else v for v in values}
+    spots = list(position.values())
+    log = numeric and min(spots) > 0 and max(spots) / min(spots) >= LOG_SPAN
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    colours = line_colours(lines)
-    for index, (label, group) in enumerate(lines.items()):
-        color = colours[label]
-        counts = sorted({row["count"] for row in group})
-        label += f" (n={'-'.join(map(str, counts[:: max(len(counts) - 1, 1)]))})"
-        if x_name not in group[0]["swept"]:
-            # A script without this setting: one point per seed, drawn as a level.
-            mean, std = group[0]["mean"], group[0]["std"]
-            axes.axhline(
-                mean, color=color, linestyle="--", label=f"{label}, no {x_name.lower()}"
-            )
-            if not math.isnan(std):
-                axes.axhspan(mean - std, mean + std, color=color, alpha=0.15)
-            continue
-        group = sorted(group, key=lambda row: sort_key([row["swept"][x_name]]))
-        xs = [position[row["swept"][x_name]] for row in group]
-        if kind == "category":  # side by side, so the bars do not hide each other
-            xs = [x + 0.08 * (index - (len(lines) - 1) / 2) for x in xs]
-        means = [row["mean"] for row in group]
-        stds = [0.0 if math.isnan(row["std"]) else row["std"] for row in group]
-        if kind == "category":  # no line between values that have no order
-            axes.errorbar(
-                xs, means, yerr=stds, fmt="o", color=color, capsize=5, label=label
-            )
-        else:
-            axes.plot(xs, means, marker="o", color=color, label=label)
-            axes.fill_between(
-                xs,
-                [mean - std for mean, std in zip(means, stds)],
-                [mean + std for mean, std in zip(means, stds)],
-                color=color,
-                alpha=0.2,
-                linewidth=0,
-            )
-        for x, row in zip(xs, group):
-            axes.scatter(
-                [x] * len(row["values"]), row["values"], s=12, color=color,
-                alpha=0.5, zorder=3, linewidths=0,
-            )  # fmt: skip
-    if kind == "category":
-        axes.set_xlim(-0.5, len(x_values) - 0.5)
-    if kind == "log":
-        axes.set_xscale("log")
-    elif kind == "symlog":
-        axes.set_xscale("symlog", linthresh=min(value for value in x_values if value > 0))
-    axes.set_xticks([position[value] for value in x_values])
-    axes.set_xticklabels([format_cell(value) for value in x_values])
-    axes.minorticks_off()
-    scale = " (log scale)" if kind in ("log", "symlog") else ""
-    axes.set_xlabel(f"{x_name.lower()}{scale}")
-    axes.set_ylabel(metric)
+    for index, (line, group) in enumerate(summary.groupby("line", sort=False)):
+        dots, colour = runs[runs["line"] == line], f"C{index}"
+        n = "-".join(map(str, sorted(set(group["n"]))))
+        if (group[x_column] == "-").all():  # a script without the x setting: a level
+            group = group.loc[group.index.repeat(len(values))]
+            group[x_column] = values
+        y = group[metrics[0]]
+        x = group[metrics[1]] if two else group[x_column].map(position)
+        dots_x = dots[metrics[1]] if two else dots[x_column].map(position)
+        x_error = group[metrics[1] + " ci"].fillna(0) if two else None
+        bars = {"color": colour, "capsize": 4, "label": f"{line} (n={n})"}
+        style = "o-" if numeric or two else "o"
+        axes.errorbar(x, y, group[metrics[0] + " ci"].fillna(0), x_error, style, **bars)
+        axes.scatter(dots_x, dots[metrics[0]], 12, colour, alpha=0.5, linewidths=0)
+        for xy, value in zip(zip(x, y), group[x_column]) if two else []:
+            axes.annotate(show(x_name, value), xy, (4, 4), textcoords="offset points")
+    if not two:
+        axes.set_xscale("log" if log else "linear")
+        axes.set_xticks([position[v] for v in values], [show(x_name, v) for v in values])
+        axes.minorticks_off()
+    axes.set(ylabel=metrics[0], xlabel=metrics[-1] if two else x_column + " (log)" * log)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=9)
-    seeds = ", ".join(map(str, study["seeds"]))
-    band = "bars" if kind == "category" else "band"
+    axes.legend(fontsize=8)
     subtitle = (
-        f"mean ± standard deviation over seeds {seeds} ({band}), one dot per run; "
-        f"settings: {settings_text(study)}; data: {data_label(study, rows)}"
+        f"Mean over seeds {', '.join(map(str, study['seeds']))}; error bars: 95% "
+        f"confidence interval of the mean (Student's t); dots: single runs. Data: "
+        f"{'; '.join(sorted(set(runs['data'])))}. Settings: {settings_text(study)}."
     )
-    title = study["question"] or f"{metric} against {x_name.lower()}"
+    title = study["question"] or f"{metrics[0]} against {axes.get_xlabel()}"
+    title += f" (points labelled by {x_column})" * two
+    footer = shlex.join(["python", "study.py", *study["argv"]])
+    footer += f"; {len(runs)} runs; code {' '.join(sorted(set(runs['code'])))}"
     figure.text(0.01, 0.985, title, fontsize=12, fontweight="bold", va="top")
     figure.text(0.01, 0.935, textwrap.fill(subtitle, 135), fontsize=8, va="top")
-    footer = f"python study.py {shlex.join(study['argv'])}; {len(rows)} runs"
     figure.text(0.01, 0.01, textwrap.fill(footer, 150), fontsize=6.5, color="0.4")
     figure.subplots_adjust(left=0.1, right=0.97, top=0.84, bottom=0.16)
-    partial = path.with_name(path.stem + ".partial.png")
-    figure.savefig(partial, dpi=120)
-    plt.close(figure)
-    partial.replace(path)
+    return figure
 
 
 def report(study, points):
-    rows = collect(study, points)
-    if not rows:
-        print("no finished run yet: nothing to plot")
-        return
-    plots_dir = Path(study["config"]["PLOTS_DIR"])
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    base = plots_dir / f"study_{study['name']}"
-    summary = summarise(study, rows)
-    write_csv(base.with_suffix(".csv"), study, rows)
-    write_markdown(base.with_suffix(".md"), study, summary, rows, points)
-    plot(base.with_suffix(".png"), study, summary, rows)
-    print(f"wrote {base}.png, .csv and .md ({len(rows)} of {len(points)} runs finished)")
-
-
-# ---------------------------------------------------------------------------------
-# Main
-
-
-def help_text():
-    presets = "\n".join(
-        f"  {name:<16} {p.__doc__.strip()}" for name, p in PRESETS.items()
-    )
-    source = Path(__file__).read_text().split("# Config (", 1)[1].split("\nCONFIG", 1)[0]
-    settings = "\n".join(
-        "  --" + line.split(" = ", 1)[0].lower() + "=" + line.split(" = ", 1)[1]
-        for line in source.splitlines()[1:]
-        if " = " in line
-    )
-    return (
-        f"{__doc__}\nPresets:\n{presets}\n\n"
-        f"Study settings (default, meaning):\n{settings}\n"
-    )
+    """Write study_<name>.csv, .md and .png into PLOTS_DIR from the finished points."""
+    runs, summary = tables(study, points)
+    if runs.empty:
+        return print("no finished run yet: nothing to plot")
+    base = Path(study["config"]["PLOTS_DIR"]) / f"study_{study['name']}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(base.with_suffix(".csv"), runs.to_csv(index=False))
+    settings.write_text(base.with_suffix(".md"), markdown(study, runs, summary, points))
+    draw(study, runs, summary).savefig(base.with_suffix(".partial.png"), dpi=120)
+    base.with_suffix(".partial.png").replace(base.with_suffix(".png"))
+    print(f"wrote {base}.png, .csv and .md ({len(runs)} of {len(points)} runs finished)")
 
 
 def main(argv):
     if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text())
-        return 0
+        presets = [f"  {name:<16} {preset.__doc__}" for name, preset in PRESETS.items()]
+        print(settings.help_text(__file__, usage=USAGE), end="")
+        return print("\npresets (the question each answers):", *presets, sep="\n")
     study = parse_command_line(argv)
-    points = make_points(study)
-    config = study["config"]
+    points, config = make_points(study), study["config"]
     if config["POINT"]:
-        points = [p for p in points if p["id"] == config["POINT"]]
-        if not points:
-            raise ConfigError(f"--point={config['POINT']}: no such point in this study")
+        points = [point for point in points if point["id"] == config["POINT"]]
+        require(points, f"--point={config['POINT']}: no such point in this study now")
     if config["DRY_RUN"]:
-        dry_run(study, points)
-        return 0
+        return dry_run(study, points)
+    todo = [point for point in points if not state(point, config["EXPORT"])["done"]]
+    for point in todo if config["COMMANDS"] else []:
+        argv = [sys.executable, sys.argv[0], *study["argv"], "--point=" + point["id"]]
+        print(shlex.join(argv))
     if config["COMMANDS"]:
-        commands(study, points)
         return 0
-    check_metric(study, points)
-    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
-    study["root"].mkdir(parents=True, exist_ok=True)
+    collect(study, [point for point in points if point not in todo][:1])  # --metric
+    failed = run_study(study, points)
     if not config["POINT"]:
-        write_json(
-            study["root"] / "study.json",
-            {
-                key: study[key]
-                for key in ("name", "question", "sweeps", "seeds", "settings", "argv")
-            }
-            | {
-                "scripts": [str(p) for p in study["scripts"]],
-                "points": [p["id"] for p in points],
-            },
-        )
-    try:
-        failed = run_study(study, points)
-    except Interrupted as stop:
-        point, run_dir = stop.args
-        print(
-            f"study.py: interrupted at {point['id']}"
-            + (f"; its run {run_dir} is kept" if run_dir else "")
-            + ". Run the same command again to go on.",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    if not config["POINT"]:
-        report(study, make_points(study))
+        report(study, points)
+    for point, record in failed:  # its folder has the whole log
+        print(f"study.py: {point['id']} failed: {record['error']}", file=sys.stderr)
     if failed:
-        for point, attempt in failed:
-            print(
-                f"study.py: point {point['id']} failed (exit {attempt['returncode']}): "
-                f"{attempt['error']} (log: {point['dir']}/stderr.log)",
-                file=sys.stderr,
-            )
-        print(
-            f"study.py: {len(failed)} of {len(points)} points failed: "
-            f"{', '.join(p['id'] for p, _ in failed)}; rerun to try them again",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    return 0
+        ids = ", ".join(point["id"] for point, _ in failed)
+        tally = f"{len(failed)} of {len(points)} points failed"
+        print(f"study.py: {tally}: {ids}", file=sys.stderr)
+    return EXIT_FAILED if failed else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, settings.stop_as_ctrl_c)  # kill acts as Ctrl-C
     try:
         sys.exit(main(sys.argv[1:]))
     except ConfigError as error:
-        print(f"study.py: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except KeyboardInterrupt:
-        print(
-            "study.py: interrupted. Run the same command again to go on.", file=sys.stderr
-        )
-        sys.exit(EXIT_INTERRUPTED)
+        settings.fail(error, settings.EXIT_CONFIG)
+    except settings.DataError as error:
+        settings.fail(error, settings.EXIT_DATA)
+    except (settings.Interrupted, KeyboardInterrupt) as stop:
+        print(f"study.py: {str(stop) or 'interrupted. ' + AGAIN}", file=sys.stderr)
+        sys.exit(settings.EXIT_INTERRUPTED)
     except BrokenPipeError:  # `study.py ... --commands | head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

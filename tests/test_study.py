@@ -1,12 +1,15 @@
-"""study.py end to end: a tiny sweep of scratch_cnn.py on the session's small data,
-interrupted and resumed, rerun, extended, with a failing point, claimed points and
-bad command lines."""
+"""study.py end to end: a tiny sweep of a copy of scratch_cnn.py (and the modules it
+imports) on the session's small data, interrupted and resumed, rerun, extended, with a
+failing point, claimed points, a code change and bad command lines."""
 
 import csv
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,27 +17,11 @@ import time
 import pytest
 from conftest import OFFLINE_ENV, REPO
 
+import settings
 import study
 
-TINY = [
-    "--epochs=1",
-    "--steps_per_epoch=1",
-    "--width=8",
-    "--batch_size=32",
-    "--verbose=0",
-]
-SWEEP = ["scratch_cnn.py", "--sweep=train_images:100,200", "--seeds=0,1", "--study=tiny"]
+TINY = ["--epochs=1", "--steps_per_epoch=1", "--batch_size=16", "--verbose=0"]
 ENV = {**os.environ, **OFFLINE_ENV}
-
-
-def study_args(root, cifar_dir, *args):
-    return [
-        *args,
-        f"--data_dir={cifar_dir}",
-        *TINY,
-        f"--out_dir={root / 'runs'}",
-        f"--plots_dir={root / 'plots'}",
-    ]
 
 
 def run_study(args, timeout=600):
@@ -49,42 +36,56 @@ def run_study(args, timeout=600):
 
 
 def point_dirs(root):
-    return sorted(
-        path for path in (root / "runs" / "study" / "tiny").iterdir() if path.is_dir()
-    )
+    return sorted(path for path in (root / "runs/study/tiny").iterdir() if path.is_dir())
 
 
 def attempts(point_dir):
     path = point_dir / "attempts.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines()]
-        if path.is_file()
-        else []
-    )
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines]
 
 
 def runs_in(point_dir):
     return sorted(path.parent for path in point_dir.glob("scratch_cnn/*/config.json"))
 
 
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, cifar_dir):
-    """The 4-point study, interrupted (Ctrl-C) while its second point trains, then
-    run again to the end. Returns (root, args, interrupted process, the rerun)."""
+    """Three seeds of one point of a copy of the repository's scripts (so a test can
+    change their code), given as `--sweep value`; interrupted (Ctrl-C) while its second
+    point trains, then run again to the end. Returns a dict: root, script, args (all
+    but the sweep and seeds), the interrupted process's (code, stdout, stderr), rerun."""
     root = tmp_path_factory.mktemp("study")
-    args = study_args(root, cifar_dir, *SWEEP)
+    copy = root / "repo"
+    copy.mkdir()
+    for path in REPO.glob("*.py"):
+        shutil.copy(path, copy)
+    script = copy / "scratch_cnn.py"
+    args = [
+        f"--data_dir={cifar_dir}",
+        *TINY,
+        f"--out_dir={root / 'runs'}",
+        f"--plots_dir={root / 'plots'}",
+        "--study=tiny",
+    ]
+    command = [str(script), "--sweep", "train_images:100", "--seeds", "0,1,2", *args]
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "study.py"), *args],
+        [sys.executable, str(REPO / "study.py"), *command],
         cwd=REPO,
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Points run seed by seed: the second is train_images=200, seed 0. Its run
-    # folder appears once its data and model are ready, just before training.
+    # Points run seed by seed: the second is seed 1. Its run folder appears once its
+    # data and model are ready, just before training.
     pattern = (
-        "runs/study/tiny/scratch_cnn-train_images=200-seed=0-*/scratch_cnn/*/config.json"
+        "runs/study/tiny/scratch_cnn-train_images=100-seed=1-*/scratch_cnn/*/config.json"
     )
     deadline = time.monotonic() + 1200  # generous: a busy machine is slow, not wrong
     while not list(root.glob(pattern)) and process.poll() is None:
@@ -93,92 +94,140 @@ def tiny_study(tmp_path_factory, cifar_dir):
             pytest.fail("the second point never started")
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    interrupted = process.communicate(timeout=300)
-    interrupted = (process.returncode, *interrupted)
-    rerun = run_study(args)
-    return root, args, interrupted, rerun
+    interrupted = (process.wait(timeout=300), *process.communicate())
+    rerun = run_study(command)
+    return {
+        "root": root,
+        "script": script,
+        "args": args,
+        "command": command,
+        "interrupted": interrupted,
+        "rerun": rerun,
+    }
 
 
 def test_interrupted_study_resumes_its_run_and_completes(tiny_study):
-    root, args, (returncode, stdout, stderr), rerun = tiny_study
-    assert returncode == study.EXIT_INTERRUPTED, stderr
-    assert "interrupted at scratch_cnn-train_images=200-seed=0" in stderr
+    returncode, _, stderr = tiny_study["interrupted"]
+    rerun = tiny_study["rerun"]
+    assert returncode == settings.EXIT_INTERRUPTED, stderr
+    assert "interrupted at scratch_cnn-train_images=100-seed=1-" in stderr
     assert "Run the same command again" in stderr
     assert rerun.returncode == 0, rerun.stderr
-    assert "4 points, 1 finished, 3 to run" in rerun.stdout
+    assert "3 points, 1 finished, 2 to run" in rerun.stdout
 
-    points = point_dirs(root)
-    assert len(points) == 4
+    points = point_dirs(tiny_study["root"])
+    assert len(points) == 3
     for point in points:
         runs = runs_in(point)
         assert len(runs) == 1, point  # the interrupted run went on, no second one
         assert (runs[0] / "metrics.json").is_file()
         assert attempts(point)[-1]["outcome"] == "finished"
-    second = next(p for p in points if "train_images=200-seed=0" in p.name)
+    second = next(p for p in points if "-seed=1-" in p.name)
     first_try, second_try = attempts(second)
     assert first_try["outcome"] == "interrupted"
     assert second_try["resumed"] and second_try["run_dir"] == first_try["run_dir"]
     assert "--resume=" in second_try["command"]
     config = json.loads((runs_in(second)[0] / "config.json").read_text())["config"]
-    assert config["TRAIN_IMAGES"] == 200 and config["SEED"] == 0 and config["EPOCHS"] == 1
+    assert config["TRAIN_IMAGES"] == 100 and config["SEED"] == 1 and config["EPOCHS"] == 1
 
 
-def test_outputs_have_every_run_and_the_spread_over_seeds(tiny_study):
-    root = tiny_study[0]
-    with open(root / "plots" / "study_tiny.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
-    assert sorted((row["train_images"], row["seed"]) for row in rows) == [
-        ("100", "0"), ("100", "1"), ("200", "0"), ("200", "1"),
-    ]  # fmt: skip
+def test_outputs_say_what_was_measured_with_confidence_intervals(tiny_study):
+    """A row per run in the CSV, readable names, the code that made each run; the table's
+    interval is mean ± t(0.975, n - 1)·sd/√n, here for a second metric, test loss
+    (which varies between seeds even where a tiny run's accuracy does not)."""
+    root, plots = tiny_study["root"], tiny_study["root"] / "plots"
+    rows = read_csv(plots / "study_tiny.csv")
+    assert sorted(row["seed"] for row in rows) == ["0", "1", "2"]
     for row in rows:
-        metrics = json.loads((root / row["run_dir"] / "metrics.json").read_text())
-        assert float(row["test_accuracy"]) == metrics["test_accuracy"]
-        assert float(row["wall_seconds"]) > 0
+        assert row["model"] == "CNN from scratch" and row["training images"] == "100"
+        metrics = json.loads(
+            (root / "runs/study/tiny" / row["run"] / "metrics.json").read_text()
+        )
+        assert float(row["test accuracy"]) == metrics["test_accuracy"]
+        assert float(row["wall seconds"]) > 0 and len(row["code"]) == 8
+        assert row["point"].endswith(f"-code={row['code']}")
 
-    table = (root / "plots" / "study_tiny.md").read_text()
-    for images in ("100", "200"):
-        values = [float(r["test_accuracy"]) for r in rows if r["train_images"] == images]
-        mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2**0.5
-        assert f"| scratch_cnn | {images} | 2 | {mean:.4f} | {std:.4f} |" in table
-    assert "epochs=1, steps_per_epoch=1, width=8, batch_size=32" in table
+    table = (plots / "study_tiny.md").read_text()
+    assert "| model | training images | n | mean test accuracy | sd | 95% CI |" in table
+    assert "Reproduce: `python study.py " in table and "--study=tiny" in table
+    assert "- data: cifar-10-batches-py" in table
+    given = (
+        "- settings given to every run: --epochs=1 --steps_per_epoch=1 --batch_size=16;"
+    )
+    assert given in table
+    assert (plots / "study_tiny.png").read_bytes().startswith(b"\x89PNG")
+    assert "- code: hash of the script and modules it imports" in table
 
-    png = (root / "plots" / "study_tiny.png").read_bytes()
+    other = root / "plots-two"
+    result = run_study(
+        [
+            *tiny_study["command"],
+            "--metric=test_accuracy,test_loss",
+            f"--plots_dir={other}",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 points, 3 finished, 0 to run" in result.stdout
+    losses = [float(row["test loss"]) for row in read_csv(other / "study_tiny.csv")]
+    mean, sd = statistics.mean(losses), statistics.stdev(losses)
+    assert sd > 0
+    t = 0.95 * math.sqrt(
+        2 / (1 - 0.95**2)
+    )  # Student's t(0.975) with 2 degrees of freedom
+    half = t * sd / math.sqrt(3)
+    cells = f"| {mean:.4f} | {sd:.4f} | {mean - half:.4f} to {mean + half:.4f} |"
+    assert cells in (other / "study_tiny.md").read_text()
+    png = (other / "study_tiny.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_figure_names_its_axes_lines_and_error_bars(tiny_study):
+    args = [str(tiny_study["script"]), "--sweep=train_images:100", *tiny_study["args"]]
+    parsed = study.parse_command_line(args)
+    points = study.make_points(parsed)
+    runs, summary = study.tables(parsed, points)
+    figure = study.draw(parsed, runs, summary)
+    axes = figure.axes[0]
+    assert axes.get_xlabel() == "training images"
+    assert axes.get_ylabel() == "test accuracy"
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "CNN from scratch (n=3)"
+    ]
+    words = " ".join(text.get_text() for text in figure.texts)
+    assert "error bars: 95% confidence interval of the mean (Student's t)" in words
+    assert "python study.py" in words and "Data: cifar-10-batches-py" in words
+
+
 def test_rerun_of_a_finished_study_runs_nothing(tiny_study):
-    root, args = tiny_study[:2]
+    root = tiny_study["root"]
     before = {point: attempts(point) for point in point_dirs(root)}
-    result = run_study(args)
+    result = run_study(tiny_study["command"])
     assert result.returncode == 0, result.stderr
-    assert "4 points, 4 finished, 0 to run" in result.stdout
+    assert "3 points, 3 finished, 0 to run" in result.stdout
     assert {point: attempts(point) for point in point_dirs(root)} == before
 
 
-def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study, cifar_dir):
+def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     """A wider sweep adds points; --dry_run lists them with an estimate; --commands
     prints one line per unfinished point; a point another process holds is skipped,
     and is free again once that process is killed."""
-    root = tiny_study[0]
-    args = study_args(
-        root, cifar_dir, "scratch_cnn.py", "--sweep=train_images:100,200,300",
-        "--seeds=0,1", "--study=tiny",
-    )  # fmt: skip
+    root, script = tiny_study["root"], str(tiny_study["script"])
+    args = [script, "--sweep=train_images:100,200", *tiny_study["args"]]
     listing = run_study([*args, "--dry_run"])
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
-    assert sum("finished  test_accuracy" in line for line in lines) == 4
-    assert sum(line.endswith("to run") for line in lines) == 2
-    assert "ESTIMATE (from 4 finished runs" in lines[-1]
-    assert "for 2 of 2 unfinished points" in lines[-1]
+    assert sum("finished  test accuracy" in line for line in lines) == 3
+    assert sum(line.endswith("to run") for line in lines) == 3
+    assert "ESTIMATE (from 3 finished points, not a measurement)" in lines[-1]
+    assert "for 3 of 3 unfinished points" in lines[-1]
 
     commands = run_study([*args, "--commands"]).stdout.splitlines()
-    assert len(commands) == 2
+    assert len(commands) == 3
     assert all(
-        "train_images=300" in line and "--dry_run" not in line for line in commands
+        "train_images=200" in line and "--dry_run" not in line for line in commands
     )
     point_id = shlex.split(commands[0])[-1].split("=", 1)[1]
-    point_dir = root / "runs" / "study" / "tiny" / point_id
+    point_dir = root / "runs/study/tiny" / point_id
 
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -204,20 +253,49 @@ def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study, cifar
     fd, who = study.claim_point(point_dir)  # the holder died: its claim went with it
     assert fd is not None and who is None
     assert study.claim_point(point_dir) == (None, who_line(point_dir))
+    assert study.claim_point(point_dir, take=False) == (None, who_line(point_dir))
     os.close(fd)
+    assert study.claim_point(point_dir, take=False) == (None, None)
 
 
 def who_line(point_dir):
     return (point_dir / "claim.lock").read_text().strip()
 
 
-def test_failing_point_is_recorded_and_the_study_goes_on(tiny_study, cifar_dir):
-    root = tiny_study[0]
-    args = study_args(
-        root, cifar_dir, "scratch_cnn.py", "--sweep=train_images:-5,100", "--seeds=0",
-        "--study=tiny",
-    )  # fmt: skip
-    result = run_study(args)
+def test_changed_code_makes_finished_points_run_again(tiny_study):
+    """After a change to a module the script imports, the finished points are not
+    reused: each becomes a new point (its code hash in its name), to run."""
+    data = tiny_study["script"].parent / "data.py"
+    names = {path.name for path in study.code_files(tiny_study["script"])}
+    assert {"scratch_cnn.py", "settings.py", "training.py", "data.py"} <= names
+    source = data.read_text()
+    args = [str(tiny_study["script"]), "--sweep=train_images:100", *tiny_study["args"]]
+    try:
+        data.write_text(source + "\n# a change\n")
+        listing = run_study([*args, "--dry_run"])
+        commands = run_study([*args, "--commands"]).stdout.splitlines()
+    finally:
+        data.write_text(source)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert sum(line.endswith("to run (finished with other code)") for line in lines) == 3
+    assert "0 finished, 3 to run (3 with other code, rerun)" in listing.stdout
+    old = [
+        path.name for path in point_dirs(tiny_study["root"]) if "images=100-" in path.name
+    ]
+    old = {tuple(point.rsplit("-code=", 1)) for point in old}
+    new = [shlex.split(line)[-1].split("=", 1)[1] for line in commands]
+    new = {tuple(point.rsplit("-code=", 1)) for point in new}
+    assert len(new) == 3 and {key for key, _ in new} == {key for key, _ in old}
+    assert {code for _, code in new}.isdisjoint(code for _, code in old)
+    unchanged = run_study([*args, "--dry_run"]).stdout  # the same code again: all done
+    assert "3 finished, 0 to run" in unchanged
+
+
+def test_failing_point_is_recorded_and_the_study_goes_on(tiny_study):
+    root = tiny_study["root"]
+    args = [str(tiny_study["script"]), "--sweep=train_images:-5,100", "--seeds=0"]
+    result = run_study([*args, *tiny_study["args"]])
     assert result.returncode == study.EXIT_FAILED
     failed = [line for line in result.stderr.splitlines() if line.startswith("study.py:")]
     assert "1 of 2 points failed: scratch_cnn-train_images=-5-seed=0-" in failed[-1]
@@ -232,6 +310,87 @@ def test_failing_point_is_recorded_and_the_study_goes_on(tiny_study, cifar_dir):
     assert f"- `{point.name}`: failed: " in table
 
 
+def test_presets_name_models_and_give_small_sets_a_fair_budget(tmp_path):
+    """data_efficiency: weights swept only where the script has them (scratch one line,
+    MobileNetV2 two), models named for readers, and below MIN_STEP_IMAGES a number of
+    steps per epoch that that many images (less the validation share) would give."""
+    out = f"--out_dir={tmp_path}"
+    listing = run_study(["data_efficiency", "--dry_run", out], timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    lines = [line for line in listing.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 6 * 3 * 3  # sizes x (scratch + two starts) x seeds
+    for model in ("CNN from scratch", "ImageNet weights", "random start"):
+        assert sum(model in line for line in lines) == 18
+    assert "ESTIMATE: cannot estimate yet: no finished point to time" in listing.stdout
+    train = 5000 - math.ceil(0.1 * 5000)
+    for script, model in (
+        ("scratch_cnn.py", "CNN from"),
+        ("transfer_mobilenetv2.py", "ImageNet"),
+    ):
+        batch = settings.read_script(REPO / script).settings["BATCH_SIZE"].default
+        steps = math.ceil(train / batch)
+        small = [line for line in lines if model in line and "images 250," in line]
+        assert len(small) == 3 and all(
+            f"steps per epoch {steps}," in line for line in small
+        )
+        large = [line for line in lines if model in line and "images all," in line]
+        assert len(large) == 3 and not any("steps per epoch" in line for line in large)
+    budget = study.fair_budget
+    run = {"TRAIN_IMAGES": 250, "VAL_FRACTION": 0.2, "BATCH_SIZE": 100}
+    assert budget(run, {"MIN_STEP_IMAGES": 1000}) == {"STEPS_PER_EPOCH": 8}
+    assert budget(run | {"TRAIN_IMAGES": 1000}, {"MIN_STEP_IMAGES": 1000}) == {}
+    assert budget(run | {"TRAIN_IMAGES": 0}, {"MIN_STEP_IMAGES": 1000}) == {}
+    # A setting given on the command line wins over the budget.
+    points = study.make_points(
+        study.parse_command_line(["data_efficiency", "--steps_per_epoch=2"])
+    )
+    assert len(points) == 54
+    assert all(point["settings"]["STEPS_PER_EPOCH"] == 2 for point in points)
+
+    sweep = [
+        "transfer_mobilenetv2.py",
+        "--sweep",
+        "weights:none,imagenet",
+        "--seeds",
+        "0",
+    ]
+    listing = run_study([*sweep, "--dry_run", out], timeout=60)
+    assert "  MobileNetV2, random start, seed 0 " in listing.stdout
+    assert "  MobileNetV2, ImageNet weights, seed 0 " in listing.stdout
+    sweep = ["transfer_mobilenetv2.py", "--sweep=weights:none,imagenet", "--seeds=0"]
+    same = run_study([*sweep, "--dry_run", out], timeout=60)
+    assert same.stdout == listing.stdout
+
+
+def test_metric_may_come_from_export_json(tmp_path):
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "metrics.json").write_text('{"test_accuracy": 0.5, "tta": "none"}')
+    (run / "export" / "export.json").write_text(
+        '{"int8_ms_one_thread": 1.5, "test_accuracy": 0.1, "int8_test_accuracy": 0.49}'
+    )
+    found = study.read_metrics(run)
+    assert found == {
+        "test_accuracy": 0.5,
+        "int8_ms_one_thread": 1.5,
+        "int8_test_accuracy": 0.49,
+    }
+    assert study.label("int8_ms_one_thread") == "int8 ms per image (1 thread)"
+    assert study.label("best_val_accuracy") == "best validation accuracy"
+    assert study.label("TRAIN_IMAGES") == "training images"
+
+
+def test_help_has_the_shared_format_and_the_presets():
+    result = run_study(["--help"], timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python study.py PRESET | SCRIPT...")
+    assert "settings (the config block of study.py" in result.stdout
+    assert "  --seeds=" in result.stdout and "\\" not in result.stdout
+    assert "presets (the question each answers):" in result.stdout
+    for name, preset in study.PRESETS.items():
+        assert f"  {name:<16} {preset.__doc__}" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -242,14 +401,29 @@ def test_failing_point_is_recorded_and_the_study_goes_on(tiny_study, cifar_dir):
         ),
         (
             ["scratch_cnn.py", "--sweep=train_imagez:1,2"],
-            "unknown setting --sweep=train_imagez",
+            "unknown setting --train_imagez in --sweep; did you mean --train_images",
         ),
-        (["scratch_cnn.py", "--sweep=train_images:100,1e3"], "--train_images takes an int"),
-        (["scratch_cnn.py", "--sweep=optimizer:"], "--sweep=optimizer: empty value list"),
+        (
+            ["scratch_cnn.py", "--sweep", "train_images:100,1e3"],
+            "--train_images takes an int",
+        ),
+        (
+            ["scratch_cnn.py", "--sweep=batch_size:"],
+            "--sweep=batch_size: empty value list",
+        ),
         (["scratch_cnn.py"], "nothing to sweep"),
-        (["data_efficiency", "--epochz=3"], "unknown setting --epochz"),
-        (["data_efficiency", "--epochs=many"], "--epochs takes an int"),
+        (
+            ["scratch_cnn.py", "train_images:1,2"],
+            "unknown preset or script 'train_images:1,2'",
+        ),
+        (
+            ["data_efficiency", "--epochz=3"],
+            "unknown setting --epochz; did you mean --epochs",
+        ),
+        (["data_efficiency", "--epochs", "many"], "--epochs takes an int"),
         (["data_efficiency", "--seeds="], "--seeds takes integers"),
+        (["data_efficiency", "--sweep=epochs:1,2"], "a preset has its own sweep"),
+        (["data_efficiency", "--train_images=5"], "--train_images: swept in this study"),
         (["freeze_depth", "--seed=1"], "--seed is the study's to set"),
     ],
 )
