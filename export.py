@@ -1,22 +1,13 @@
 """A finished run as TensorFlow Lite models for phones and small boards, each measured
-for what it costs (file size, latency on this CPU) and what it keeps (test accuracy,
-agreement with the Keras model).
+for what it costs (size, latency) and what it keeps (test accuracy, agreement with Keras).
 
-    python export.py                                        # newest finished run of each
-    python export.py --run=runs/scratch_cnn/20250101-120000 # one chosen run
-    python export.py --latency_runs=1000                    # steadier latency figures
+    python export.py                                           # newest finished runs
+    python export.py --run=runs/scratch_cnn/20250101-120000    # one chosen run
+    python export.py --forms=float32,int8 --latency_runs=1000  # two forms, steadier
 
-Writes into RUN/export/: float32.tflite; float16.tflite (float16 weights);
-dynamic_int8.tflite (int8 weights, float activations); int8.tflite (int8 weights and
-activations, int8 input and output, calibrated on CALIBRATION_IMAGES training images
-through the run's own preprocessing); export.md and export.csv, the table: per form and
-for the Keras model, file size, accuracy on the run's whole test set, agreement with the
-Keras model's predictions, and median latency per image with 1 thread and all cores.
-
-Result: the full-data scratch CNN (CIFAR-10, JPEG copy) keeps its 83.6% test accuracy
-within 0.07 points in every form; int8 is 0.48 MB against 1.84 MB float32, about 1.2 ms
-an image on one AMD EPYC core (README, Deploy).
-An existing export/ is replaced only once every form has converted.
+Writes RUN/export/, whole or not at all: a .tflite file per form, and export.md, .csv and
+.json: each form's size, test accuracy and agreement with Keras (one pass per image), and
+latency per image on one thread and on all cores. Results: the README's Deploy section.
 """
 
 import settings
@@ -24,22 +15,20 @@ import settings
 settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
 
 import contextlib
-import csv
 import io
-import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
+import timeit
 import warnings
 from datetime import datetime
 from pathlib import Path
 
-import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 import data
@@ -50,459 +39,291 @@ import training
 
 OUT_DIR = "runs"  # where the training scripts leave runs: OUT_DIR/<script>/<timestamp>/
 RUN = ""  # a finished run folder; "" = the newest finished run of each training script
-DATA_DIR = ""  # CIFAR-10 folder or .tar.gz; "" = the DATA_DIR the run was trained on
+DATA_DIR = ""  # the run's data (folder or .tar.gz); "" = the DATA_DIR it was trained on
 CALIBRATION_IMAGES = 500  # training images that set the int8 activation ranges
 WARMUP_RUNS = 20  # single-image invocations before timing starts
 LATENCY_RUNS = 200  # timed single-image invocations per form and thread count: median
 FORMS = "float32,float16,dynamic_int8,int8"  # the forms to make, comma-separated
-KERAS_ONE_THREAD = True  # also time Keras on 1 thread (a child process, ~10 s of CPU)
+KERAS_ONE_THREAD = True  # also time Keras on 1 thread (a child process: seconds of CPU)
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in order
-FORM_DESCRIPTIONS = {
-    # file stem: what it is, as export.md explains it
+FORM_DESCRIPTIONS = {  # file stem: what it is, as export.md explains it
     "float32": "float32 weights and activations: the Keras model, converted",
     "float16": "float16 weights (half the size), computed in float32 on a CPU",
     "dynamic_int8": "int8 weights, float activations (dynamic range quantization)",
-    "int8": "int8 weights and activations, int8 input and output (full integer)",
+    "int8": "int8 weights, activations, input and output (full integer), calibrated on "
+    "{calibrated} training images; test images are quantized with its input scale",
 }
-EXPORT_FOLDER = "export"  # inside the run folder
-CSV_COLUMNS = (
-    "form",
-    "file",
-    "megabytes",
-    "test_accuracy",
-    "agreement_with_keras",
-    "ms_per_image_1_thread",
-    "ms_per_image_all_cores",
-    "all_cores",
-)
+# export.csv's columns after form and file; export.json holds "<form>_<measure>".
+MEASURES = ("megabytes", "test_accuracy", "agreement", "ms_one_thread", "ms_all_cores")
+PATH_SETTINGS = ("out_dir", "run", "data_dir")  # shown without machine paths in export.md
+# "All cores": those this process may run on (its CPU affinity), maybe fewer than exist.
+CORES = len(os.sched_getaffinity(0)) if sys.platform == "linux" else os.cpu_count()
+
+
+def check_config(config):
+    """Every setting, checked before TensorFlow loads; returns the forms, in order."""
+    names = [name.strip() for name in config["FORMS"].split(",") if name.strip()]
+    settings.require(
+        names and all(name in FORM_DESCRIPTIONS for name in names),
+        f"--forms takes a comma-separated list of {', '.join(FORM_DESCRIPTIONS)}; "
+        f"got {config['FORMS']!r}",
+    )
+    for name in ("CALIBRATION_IMAGES", "LATENCY_RUNS"):
+        settings.require(config[name] > 0, f"--{name.lower()} must be positive")
+    settings.require(config["WARMUP_RUNS"] >= 0, "--warmup_runs must be 0 or more")
+    return [form for form in FORM_DESCRIPTIONS if form in names]
 
 
 # ---------------------------------------------------------------------------------
-# Runs: find them, check them, load their models
+# Data: the runs, and each run's own split and preprocessing from its config.json
 
 
-def find_runs(out_dir, chosen):
-    """The run folder `chosen` names, else the newest finished run of each training
-    script in `out_dir`, with a hint line for each script that has none."""
+def runs_to_export(out_dir, chosen):
+    """The finished run `chosen` names (else exit 2), or the newest finished run of each
+    training script in `out_dir`; no run at all is exit 3."""
     if chosen:
-        return [Path(chosen).expanduser()], []
-    runs, hints = [], []
+        return [settings.finished_run(chosen, f"--run={chosen}")]
+    runs = []
     for script in SCRIPTS:
-        finished = training.list_runs(out_dir, script, finished=True)
-        if finished:
-            runs.append(finished[-1])
-        else:
-            hints.append(f"no finished {script} run in {Path(out_dir)}/ to export")
+        finished = settings.list_runs(out_dir, script, finished=True)
+        runs += finished[-1:]
+        if not finished:
+            print(f"no finished {script} run in {Path(out_dir)}/ to export")
     if not runs:
         raise settings.DataError(
             f"no finished runs in {Path(out_dir)}/ to export; train one with "
             "python scratch_cnn.py or python transfer_mobilenetv2.py, or pass --run="
         )
-    return runs, hints
+    return runs
 
 
-def read_run(run_dir):
-    """config.json of a finished run, with what rebuilding its data needs; else a
-    DataError (exit 3) saying what is wrong."""
-    if not (run_dir / "config.json").is_file():
-        raise settings.DataError(
-            f"{run_dir}: not a run folder (no config.json); runs are in "
-            "OUT_DIR/<script>/<timestamp>/"
-        )
-    if not (run_dir / "metrics.json").is_file():
-        raise settings.DataError(
-            f"{run_dir}: that run has not finished (no metrics.json); finish it with "
-            f"python <script>.py --resume={run_dir}"
-        )
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        saved["config"]["IMG_SIZE"], saved["value_range"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise settings.DataError(
-            f"{run_dir / 'config.json'}: unreadable, or no IMG_SIZE or value_range; "
-            "train that run again with the current scripts"
-        ) from None
-    return saved
-
-
-# ---------------------------------------------------------------------------------
-# Data: the run's own split and preprocessing, rebuilt from its config.json
-
-
-def run_pipelines(saved, data_dir):
-    """The run's pipelines as training built them (same source, split, image size and
-    value range), with augmentation off so calibration images look like test images."""
-    config = dict(saved["config"])
-    if data_dir:
-        config["DATA_DIR"] = data_dir
-    for name, value in config.items():
+def run_data(saved, config):
+    """The run's pipelines as training built them, and CALIBRATION_IMAGES images of its
+    shuffled training pipeline with augmentation off, so they look like test images."""
+    run_config = dict(saved["config"])
+    for name in run_config:
         if name.startswith("AUGMENT_"):
-            config[name] = type(value)()  # False or 0: off
-    return data.pipelines_for(config, tuple(saved["value_range"]))
-
-
-def calibration_images(train_data, count):
-    """float32 (count, S, S, 3): the first `count` images of the (shuffled, seeded)
-    training pipeline, never test images."""
-    batches, total = [], 0
-    for images, _ in train_data:
-        batches.append(images.numpy())
-        total += len(batches[-1])
-        if total >= count:
-            break
-    return np.concatenate(batches)[:count]
+            run_config[name] = "none" if name == "AUGMENT_FLIP" else 0  # off
+    run_config["DATA_DIR"] = config["DATA_DIR"] or run_config["DATA_DIR"]
+    pipelines = data.pipelines_for(run_config, tuple(saved["value_range"]))
+    calibration = pipelines.train.unbatch().take(config["CALIBRATION_IMAGES"])
+    return pipelines, np.stack([image for image, _ in calibration.as_numpy_iterator()])
 
 
 # ---------------------------------------------------------------------------------
-# Convert: the Keras model to each TensorFlow Lite form
+# Model: the Keras model to each TensorFlow Lite form, and each form measured
 
 
 def convert(model, form, calibration):
-    """The `form` of the Keras `model` as .tflite bytes; a conversion that fails is a
-    DataError naming the form."""
+    """The `form` of the Keras `model` as .tflite bytes, or a DataError naming it."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if form != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if form == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if form == "int8":
-
-        def representative_dataset():
-            for image in calibration:
-                yield [image[None]]
-
-        converter.representative_dataset = representative_dataset
+        converter.representative_dataset = lambda: ([x[None]] for x in calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     try:
-        # Keras prints the signature of the SavedModel the converter goes through,
-        # once a form; and the int8 converter asks for input statistics that the
-        # representative dataset already gives it. Neither says anything here.
+        # Keras prints the signature of the SavedModel the converter goes through, and
+        # the int8 converter asks for input statistics the calibration already gives.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Statistics for quantized inputs")
             return converter.convert()
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the converter raises many kinds
+        reason = str(error).splitlines()[0] if str(error) else ""
         raise settings.DataError(
-            f"the {form} conversion failed ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
+            f"the {form} conversion failed ({type(error).__name__}: {reason})"
         ) from None
 
 
-# ---------------------------------------------------------------------------------
-# Measure: accuracy and agreement on the test set, latency per image
+def lite_runner(model_bytes, threads):
+    """A function from a float32 batch to the .tflite model's raw outputs (the argmax
+    needs no dequantizing); int8 inputs get the model's own scale and zero point."""
+    interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=threads)
+    given = interpreter.get_input_details()[0]
+    output = interpreter.get_output_details()[0]
+    allocated = []  # the batch shape the interpreter is allocated for
+
+    def run(images):
+        if allocated != [images.shape]:
+            interpreter.resize_tensor_input(given["index"], images.shape)
+            interpreter.allocate_tensors()
+            allocated[:] = [images.shape]
+        if given["dtype"] == np.int8:
+            scale, zero_point = given["quantization"]
+            images = np.clip(np.round(images / scale + zero_point), -128, 127)
+        interpreter.set_tensor(given["index"], images.astype(given["dtype"]))
+        interpreter.invoke()
+        return interpreter.get_tensor(output["index"])
+
+    return run
 
 
-class Lite:
-    """A .tflite model ready to run float32 images of the run's preprocessing: int8
-    inputs are quantized with the model's own input scale and zero point."""
-
-    def __init__(self, model_bytes, threads):
-        self.interpreter = tf.lite.Interpreter(
-            model_content=model_bytes, num_threads=threads
-        )
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self.batch = None
-
-    def quantize(self, images):
-        if self.input["dtype"] != np.int8:
-            return images.astype(self.input["dtype"])
-        scale, zero_point = self.input["quantization"]
-        quantized = np.round(images / scale + zero_point)
-        return np.clip(quantized, -128, 127).astype(np.int8)
-
-    def __call__(self, images):
-        """Raw outputs (int8 for the int8 form; the argmax needs no dequantizing)."""
-        if len(images) != self.batch:
-            self.interpreter.resize_tensor_input(self.input["index"], images.shape)
-            self.interpreter.allocate_tensors()
-            self.batch = len(images)
-        self.interpreter.set_tensor(self.input["index"], self.quantize(images))
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output["index"])
-
-
-def predict_test_set(model, lite_models, test_data):
-    """(labels, {"keras" and each form: predicted classes}) over the whole test set,
-    one batch at a time so a large set at 96 px never sits in memory in float32."""
-    labels, predicted = [], {name: [] for name in ["keras", *lite_models]}
-    for images, one_hot in test_data:
-        images = images.numpy()
-        labels.append(one_hot.numpy().argmax(axis=1))
-        predicted["keras"].append(model.predict_on_batch(images).argmax(axis=1))
-        for form, lite in lite_models.items():
-            predicted[form].append(lite(images).argmax(axis=1))
-    return np.concatenate(labels), {
-        name: np.concatenate(values) for name, values in predicted.items()
-    }
-
-
-def median_milliseconds(call, image, warmup, runs):
+def median_ms(call, image, warmup, runs):
     """Median wall time of `call(image)` in ms, over `runs` calls after `warmup`."""
-    for _ in range(warmup):
-        call(image)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call(image)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    timeit.repeat(lambda: call(image), number=1, repeat=warmup)
+    return 1000 * np.median(timeit.repeat(lambda: call(image), number=1, repeat=runs))
 
 
-def keras_serving(model):
-    """The Keras model as a deployed TensorFlow model runs: a compiled tf.function
-    from a float32 batch to numpy probabilities."""
-    serve = tf.function(lambda batch: model(batch, training=False))
-    return lambda batch: serve(batch).numpy()
+def keras_ms_one_thread(run_dir, warmup, runs):
+    """ms per image of the run's Keras model on one thread, timed in a fresh Python
+    (TensorFlow sizes its thread pools once, when it starts) without its notices."""
+    arguments = ["-c", "import export; export.child()", run_dir.resolve(), warmup, runs]
+    command = [sys.executable, *map(str, arguments)]
+    timing = lambda: subprocess.check_output(command, cwd=Path(__file__).parent)
+    return float(settings.quietly(timing).split()[-1])
 
 
-def keras_latency_one_thread(model_path, image, warmup, runs):
-    """ms per image of the Keras model on one thread, in a fresh Python: TensorFlow
-    fixes its thread pools when it starts, so this process cannot change them."""
-    with tempfile.TemporaryDirectory(prefix="export-latency-") as folder:
-        image_path = Path(folder) / "image.npy"
-        np.save(image_path, image)
-        child = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys; sys.path.insert(0, sys.argv[1]); import export; "
-                "print(export.one_thread_keras_latency(*sys.argv[2:]))",
-                str(Path(__file__).resolve().parent),
-                str(model_path),
-                str(image_path),
-                str(warmup),
-                str(runs),
-            ],
-            capture_output=True,
-            text=True,
-        )
-    if child.returncode != 0:
-        raise RuntimeError(f"timing Keras on one thread failed:\n{child.stderr}")
-    return float(child.stdout.split()[-1])
-
-
-def one_thread_keras_latency(model_path, image_path, warmup, runs):
+def child():
+    """keras_ms_one_thread's child: prints the ms per image of a run's model (argv)."""
+    run_dir, warmup, runs = sys.argv[1:]
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    model = keras.models.load_model(model_path, compile=False)
-    return median_milliseconds(
-        keras_serving(model), np.load(image_path), int(warmup), int(runs)
-    )
+    model = training.load_checkpoint(run_dir)
+    image = np.zeros((1, *model.input_shape[1:]), np.float32)  # as costly as any image
+    print(median_ms(tf.function(model), image, int(warmup), int(runs)))
 
 
-def all_cores():
-    """The cores this process may run on (its CPU affinity), which can be fewer than
-    the machine has."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def measure(run, files, lite, test_data, config):
+    """The export table: for "keras" and each form (`lite`: .tflite bytes), file size,
+    test accuracy and agreement with Keras (one pass per image), ms per image."""
+    runners = {form: lite_runner(content, CORES) for form, content in lite.items()}
+    labels, predicted = [], {name: [] for name in files}
+    for images, one_hot in test_data:
+        labels.append(one_hot.numpy().argmax(axis=1))
+        predicted["keras"].append(run["model"].predict_on_batch(images).argmax(axis=1))
+        for form, runner in runners.items():
+            predicted[form].append(runner(images.numpy()).argmax(axis=1))
+    labels = np.concatenate(labels)
+    predicted = {name: np.concatenate(classes) for name, classes in predicted.items()}
+    timing = (images.numpy()[:1], config["WARMUP_RUNS"], config["LATENCY_RUNS"])
+    latency = {
+        form: [median_ms(lite_runner(lite[form], 1), *timing), median_ms(runner, *timing)]
+        for form, runner in runners.items()
+    }
+    # Keras timed as a deployed TensorFlow model runs it: a compiled tf.function.
+    latency["keras"] = [None, median_ms(tf.function(run["model"]), *timing)]
+    if config["KERAS_ONE_THREAD"]:
+        latency["keras"][0] = keras_ms_one_thread(run["dir"], *timing[1:])
+    rows = [
+        (name, path.name, path.stat().st_size / 1e6, np.mean(predicted[name] == labels))
+        + (np.mean(predicted[name] == predicted["keras"]), *latency[name])
+        for name, path in files.items()
+    ]
+    return pd.DataFrame(rows, columns=["form", "file", *MEASURES]).assign(all_cores=CORES)
 
 
 # ---------------------------------------------------------------------------------
-# Save/Report: export.md and export.csv, then the folder swapped in whole
+# Save/Report: export.md, .csv and .json in a new folder, swapped in whole; main()
 
 
-def csv_text(rows):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+def shown(path):
+    """`path` relative to the current folder when below it, else its last part."""
+    path, here = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else path.name
 
 
-def milliseconds(value):
-    return "not measured" if value is None else f"{value:.3f}"
+def shown_command(argv):
+    """The command line that made the export, its paths shown as shown() shows them."""
+    words = ["python", "export.py"]
+    for flag, text in settings.split_arguments(argv, ["keras_one_thread"]):
+        text = shown(text) if flag in PATH_SETTINGS and text else text
+        words.append(f"--{flag}={text}")
+    return shlex.join(words)
 
 
-def table_markdown(rows):
+def table_markdown(frame):
     """The export table: one row per form, the Keras model first."""
-    cores = rows[0]["all_cores"]
-    header = [
-        "form",
-        "file",
-        "size, MB",
-        "test accuracy",
-        "agrees with Keras",
-        "ms/image, 1 thread",
-        f"ms/image, all cores ({cores})",
+    header = ["form", "file", "size, MB", "test accuracy", "agrees with Keras"]
+    header += ["ms/image, 1 thread", f"ms/image, all cores ({frame['all_cores'][0]})"]
+    rows = [
+        [row.form, f"`{row.file}`", f"{row.megabytes:.3f}", f"{row.test_accuracy:.2%}"]
+        + [f"{row.agreement:.2%}", f"{row.ms_one_thread:.3f}", f"{row.ms_all_cores:.3f}"]
+        for row in frame.itertuples()
     ]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['form']} | `{row['file']}` | {row['megabytes']:.3f} | "
-            f"{row['test_accuracy']:.2%} | {row['agreement_with_keras']:.2%} | "
-            f"{milliseconds(row['ms_per_image_1_thread'])} | "
-            f"{milliseconds(row['ms_per_image_all_cores'])} |"
-        )
-    return "\n".join(lines)
+    return settings.markdown_table(header, rows).replace(" nan |", " not measured |")
 
 
-def export_markdown(run_dir, saved, rows, facts):
+def export_markdown(run, frame, pipelines, config, command):
     """export.md: a title line, how it was measured, the table, what each form is."""
-    config = saved["config"]
-    forms = [row["form"] for row in rows[1:]]
+    saved, tta = run["saved"], run["metrics"].get("tta", "none")
+    augmented = f" (the run's own test accuracy is with {tta})" if tta != "none" else ""
+    source, marker, rest = pipelines.source.partition(" (class folders")
+    calibrated = min(config["CALIBRATION_IMAGES"], pipelines.sizes["train"])
     notes = [
-        f"# TensorFlow Lite export of `{run_dir}`",
-        (
-            f"Made by `{facts['command']}` on {datetime.now():%Y-%m-%d %H:%M} "
-            f"({saved.get('script', 'run')}, {config['IMG_SIZE']} px, inputs in "
-            f"{list(saved['value_range'])}). Test set: all {facts['test_images']:,} "
-            f"images from `{facts['source']}`, preprocessed as the run was; agreement "
-            "is the share of test images whose predicted class equals the Keras "
-            "model's."
-            + (
-                f" The int8 model was calibrated on {facts['calibration_images']} "
-                "training images and is fed test images quantized with its own input "
-                "scale and zero point."
-                if "int8" in forms
-                else ""
-            )
+        f"# TensorFlow Lite: {settings.model_name(saved['script'], saved['config'])}"
+        f", run `{shown(run['dir'])}`",
+        f"Made by `{command}` on {datetime.now():%Y-%m-%d %H:%M} ({saved['script']}, "
+        f"{saved['config']['IMG_SIZE']} px, inputs in {list(saved['value_range'])}). "
+        f"Test set: all {pipelines.sizes['test']:,} images from `{shown(source)}"
+        f"{marker}{rest}`, preprocessed as the run was; agreement is the share of test "
+        "images whose predicted class equals the Keras model's. Every figure, Keras's "
+        f"too, is single-pass, without test-time augmentation{augmented}.",
+        f"Latency: median of {config['LATENCY_RUNS']} single-image invocations after "
+        f"{config['WARMUP_RUNS']} warm-up ones, input already preprocessed, on "
+        f"{settings.cpu_name()}, {CORES} cores, TensorFlow {tf.__version__}: TensorFlow "
+        "Lite through `tf.lite.Interpreter` and its default CPU delegate, Keras as a "
+        "compiled `tf.function`. `model.keras` holds the optimizer state too.",
+        table_markdown(frame),
+        "\n".join(
+            f"- `{form}`: " + FORM_DESCRIPTIONS[form].format(calibrated=calibrated)
+            for form in frame["form"][1:]
         ),
-        (
-            f"Latency: median of {facts['latency_runs']} single-image invocations after "
-            f"{facts['warmup_runs']} warm-up ones, input already preprocessed, on "
-            f"{facts['machine']}. TensorFlow Lite through `tf.lite.Interpreter` and "
-            "its default CPU delegate; Keras as a compiled `tf.function`. "
-            "`model.keras` holds the optimizer state too, so its size overstates "
-            "the model."
-        ),
-        table_markdown(rows),
-        "\n".join(f"- `{form}`: {FORM_DESCRIPTIONS[form]}" for form in forms),
     ]
-    if config.get("TTA_FLIP"):
-        notes.append(
-            "The run evaluates with test-time flips (TTA_FLIP); these figures are the "
-            "plain model's, one pass per image."
-        )
     return "\n\n".join(notes) + "\n"
 
 
-def replace_folder(built, target):
-    """Put the finished folder `built` at `target`; an earlier one goes only after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}")
-        target.rename(old)
-    built.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-# ---------------------------------------------------------------------------------
-# main: python export.py
-
-
-def export_run(run_dir, saved, model, config, command):
-    """Convert, measure and write RUN/export/ for one run; returns the table rows."""
-    pipelines = run_pipelines(saved, config["DATA_DIR"])
-    calibration = calibration_images(pipelines.train, config["CALIBRATION_IMAGES"])
-    cores = all_cores()
-    build = Path(tempfile.mkdtemp(prefix=f".{EXPORT_FOLDER}-", dir=run_dir))
+def export_run(run, forms, config, command):
+    """Convert, measure and write RUN/export/ for one run; returns the table. The new
+    folder is built beside the old one, which it replaces only once complete."""
+    pipelines, calibration = run_data(run["saved"], config)
+    build = Path(tempfile.mkdtemp(prefix=".export-", dir=run["dir"]))
     try:
-        forms = {}
-        for form in chosen_forms(config["FORMS"]):
-            print(f"{run_dir}: converting to {form}")
-            forms[form] = convert(model, form, calibration)
-            (build / f"{form}.tflite").write_bytes(forms[form])
-
-        print(f"{run_dir}: predicting {pipelines.sizes['test']:,} test images")
-        lite_models = {form: Lite(forms[form], cores) for form in forms}
-        labels, predicted = predict_test_set(model, lite_models, pipelines.test)
-        image = next(iter(pipelines.test))[0].numpy()[:1]
-
-        print(f"{run_dir}: timing {config['LATENCY_RUNS']} single images per form")
-        timing = dict(warmup=config["WARMUP_RUNS"], runs=config["LATENCY_RUNS"])
-        latency = {
-            "keras": (
-                (
-                    keras_latency_one_thread(run_dir / "model.keras", image, **timing)
-                    if config["KERAS_ONE_THREAD"]
-                    else None
-                ),
-                median_milliseconds(keras_serving(model), image, **timing),
-            )
-        }
+        files, lite = {"keras": run["dir"] / "model.keras"}, {}
         for form in forms:
-            latency[form] = tuple(
-                median_milliseconds(Lite(forms[form], threads), image, **timing)
-                for threads in (1, cores)
-            )
-
-        files = {"keras": run_dir / "model.keras"}
-        files.update({form: build / f"{form}.tflite" for form in forms})
-        rows = [
-            {
-                "form": name,
-                "file": files[name].name,
-                "megabytes": files[name].stat().st_size / 1e6,
-                "test_accuracy": float(np.mean(predicted[name] == labels)),
-                "agreement_with_keras": float(
-                    np.mean(predicted[name] == predicted["keras"])
-                ),
-                "ms_per_image_1_thread": latency[name][0],
-                "ms_per_image_all_cores": latency[name][1],
-                "all_cores": cores,
-            }
-            for name in files
-        ]
-        facts = {
-            "command": command,
-            "test_images": len(labels),
-            "source": pipelines.source,
-            "calibration_images": len(calibration),
-            "latency_runs": config["LATENCY_RUNS"],
-            "warmup_runs": config["WARMUP_RUNS"],
-            "machine": (
-                f"{training.cpu_name()}, {cores} cores, TensorFlow {tf.__version__}"
-            ),
-        }
-        (build / "export.csv").write_text(csv_text(rows))
-        (build / "export.md").write_text(export_markdown(run_dir, saved, rows, facts))
-        replace_folder(build, run_dir / EXPORT_FOLDER)
+            print(f"{shown(run['dir'])}: converting to {form}")
+            lite[form] = convert(run["model"], form, calibration)
+            files[form] = build / f"{form}.tflite"
+            files[form].write_bytes(lite[form])
+        print(f"{shown(run['dir'])}: measuring, {pipelines.sizes['test']:,} test images")
+        frame = measure(run, files, lite, pipelines.test, config)
+        summary = frame.set_index("form")[list(MEASURES)].stack().dropna()
+        summary.index = [f"{form}_{name}" for form, name in summary.index]
+        settings.write_json(build / "export.json", summary.to_dict())
+        settings.write_text(build / "export.csv", frame.to_csv(index=False))
+        markdown = export_markdown(run, frame, pipelines, config, command)
+        settings.write_text(build / "export.md", markdown)
+        old = run["dir"] / f".export-old-{os.getpid()}"
+        if (run["dir"] / "export").exists():
+            (run["dir"] / "export").rename(old)
+        build.rename(run["dir"] / "export")
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already when it succeeded
-    return rows
-
-
-def chosen_forms(text):
-    """The forms --forms names, in the table's order."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in FORM_DESCRIPTIONS]
-    settings.require(
-        names and not unknown,
-        f"--forms takes a comma-separated list of {', '.join(FORM_DESCRIPTIONS)}; "
-        f"got {text!r}",
-    )
-    return [form for form in FORM_DESCRIPTIONS if form in names]
+    print(f"wrote {shown(run['dir'] / 'export')}/\n{table_markdown(frame)}")
+    return frame
 
 
 def main(argv):
     config = training.configure(CONFIG, argv)
-    chosen_forms(config["FORMS"])
-    for name in ("CALIBRATION_IMAGES", "LATENCY_RUNS"):
-        settings.require(config[name] > 0, f"--{name.lower()} must be positive")
-    settings.require(config["WARMUP_RUNS"] >= 0, "--warmup_runs must be 0 or more")
-    run_dirs, hints = find_runs(config["OUT_DIR"], config["RUN"])
-    for hint in hints:
-        print(hint)
+    forms = check_config(config)
     # Every run checked and its model loaded before anything is written.
-    runs = [(run_dir, read_run(run_dir), training.load_checkpoint(run_dir)) for run_dir in run_dirs]
-    command = shlex.join(["python", "export.py", *argv])
-    exported = {}
-    for run_dir, saved, model in runs:
-        rows = export_run(run_dir, saved, model, config, command)
-        exported[run_dir] = rows
-        print(f"wrote {run_dir / EXPORT_FOLDER}/")
-        print(table_markdown(rows))
-    return exported
+    runs = [
+        {
+            "dir": run_dir,
+            "saved": settings.read_json(run_dir / "config.json"),
+            "metrics": settings.read_json(run_dir / "metrics.json"),
+            "model": training.load_checkpoint(run_dir),
+        }
+        for run_dir in runs_to_export(config["OUT_DIR"], config["RUN"])
+    ]
+    command = shown_command(argv)
+    return {run["dir"]: export_run(run, forms, config, command) for run in runs}
 
 
 if __name__ == "__main__":
