@@ -1,24 +1,22 @@
 """CIFAR-10, or class folders of one's own images, for every script: find it, read it
-safely, split it, and stream it through tf.data as uint8 that is augmented, resized
-and scaled one batch at a time.
+safely, split it, and stream it through tf.data as uint8 that is augmented, resized and
+scaled one batch at a time.
 
     python data.py                           # where the data came from, counts, figures
     python data.py --data_dir=~/data         # a folder with cifar-10-batches-py/ or the .tar.gz
     python data.py --data_dir=~/photos       # class folders: train/<class>/<images>
 
-Writes plots/samples.png (random originals, the report's first figure) and
-plots/augmented.png (the same images augmented and resized to 96 px).
+Writes plots/samples.png (random training images) and plots/augmented.png (the same
+images augmented and resized to 96 px, as MobileNetV2 sees them).
 """
 
 import settings
 
 settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
 
-import contextlib
 import io
 import os
 import pickle
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -41,16 +39,13 @@ TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out as 
 TRAIN_IMAGES = 0  # training images to use (stratified) before the split; 0 = all
 FIGURE_IMAGES = 16  # images in each figure
 FIGURE_SIZE = 96  # pixels: the side the augmented figure resizes to (the report's)
-AUGMENT_FLIP = True  # random horizontal flips
+AUGMENT_FLIP = "random"  # horizontal flips: "random", "alternate" (airbench) or "none"
 AUGMENT_TRANSLATE = 0.125  # random shifts, as a fraction of the side (0.125 = 4 px at 32)
 AUGMENT_ROTATE = 0.0  # random rotation, as a fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, as a fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, as a fraction (0 = off)
 PLOTS_DIR = "plots"  # where the figures go
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
-
-# ---------------------------------------------------------------------------------
-# Finding CIFAR-10
 
 CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -62,18 +57,35 @@ BATCHES_FOLDER = "cifar-10-batches-py"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")  # tf decodes these
+HELD_OUT_FOLDERS = ("test", "val", "validation")  # beside train/: the test set, in order
+TEST_SPLIT_SEED = 0  # a test set taken from train/ is the same for every run and SEED
+DECODE_CHUNK = 256  # images decoded and resized per chunk before they are stored
+FOLDERS_LAYOUT = (
+    "class folders (train/<class>/<images>, optionally test/, val/ or validation/ "
+    "beside train/)"
+)
+# The C++ line TensorFlow logs for an image that does not decode: the error raised
+# instead names the file, in one line.
+DECODE_NOISE = (b"decode_image", b"OP_REQUIRES failed", b"Corrupt JPEG", b"Premature end")
+
+
+def check_config(config):
+    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
+    settings.check_data_settings(config)
+    settings.require(config["FIGURE_IMAGES"] > 0, "--figure_images must be positive")
+
+
+# ---------------------------------------------------------------------------------
+# Finding CIFAR-10: --data_dir, $CIFAR10_DIR, the Keras cache, else a download
 
 
 def keras_home():
     """The folder Keras caches downloads in, chosen as Keras chooses it: $KERAS_HOME,
-    else ~/.keras, and /tmp/.keras when that is not writable. Datasets go to its
-    datasets/, weights to its models/."""
-    if "KERAS_HOME" in os.environ:
-        home = Path(os.environ["KERAS_HOME"]).expanduser()
-    else:
-        home = Path.home() / ".keras"
-        if not os.access(Path.home(), os.W_OK):
-            home = Path("/tmp/.keras")
+    else ~/.keras, and /tmp/.keras when that is not writable."""
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
+    if "KERAS_HOME" not in os.environ and not os.access(Path.home(), os.W_OK):
+        home = Path("/tmp/.keras")
     if home.exists() and not os.access(home, os.W_OK):
         home = Path("/tmp/.keras")
     return home
@@ -83,40 +95,23 @@ def keras_datasets_dir():
     return keras_home() / "datasets"
 
 
-def keras_cache_dirs():
-    """Where keras.datasets.cifar10 leaves the extracted batches: Keras >= 3.6, then
-    older versions."""
-    datasets = keras_datasets_dir()
-    return [
-        datasets / "cifar-10-batches-py-target" / BATCHES_FOLDER,
-        datasets / BATCHES_FOLDER,
-    ]
-
-
-BATCH_FILES = (*TRAIN_BATCHES, TEST_BATCH)
-
-
 def find_source(path):
-    """The batches folder or archive that `path` holds or is, else None. A folder
-    with only some of the batch files still counts, so the error names the rest."""
+    """The batches folder or archive that `path` holds or is, else None. A folder with
+    only some of the batch files still counts, so the error names the rest."""
     path = Path(path).expanduser()
     if path.is_file():
-        return path  # read_cifar10 says so if it is not a .tar.gz
+        return path
     for folder in (path / BATCHES_FOLDER, path):
-        if any((folder / name).is_file() for name in BATCH_FILES):
+        if any((folder / name).is_file() for name in (*TRAIN_BATCHES, TEST_BATCH)):
             return folder
     if (path / ARCHIVE_NAME).is_file():
         return path / ARCHIVE_NAME
-    if (path / BATCHES_FOLDER).is_dir():
-        return path / BATCHES_FOLDER
-    return None
+    return path / BATCHES_FOLDER if (path / BATCHES_FOLDER).is_dir() else None
 
 
 def load_cifar10(data_dir=""):
-    """(train_images, train_labels, test_images, test_labels, source): images uint8
-    (N, 32, 32, 3), labels int32 (N,). Looks in `data_dir`, $CIFAR10_DIR, the Keras
-    cache (extracted batches, or cifar-10-python.tar.gz put there by hand), then
-    downloads once through Keras."""
+    """(train images, train labels, test images, test labels, source): images uint8
+    (N, 32, 32, 3), labels int32 (N,)."""
     for origin, where in (
         ("--data_dir", data_dir),
         ("CIFAR10_DIR", os.environ.get("CIFAR10_DIR")),
@@ -129,50 +124,32 @@ def load_cifar10(data_dir=""):
                     f"its batch files, or {ARCHIVE_NAME}"
                 )
             return (*read_cifar10(source), str(source))
-    for cached in keras_cache_dirs():
+    datasets = keras_datasets_dir()
+    # Where keras.datasets.cifar10 leaves the batches: Keras >= 3.6, then older ones.
+    for cached in (
+        datasets / "cifar-10-batches-py-target" / BATCHES_FOLDER,
+        datasets / BATCHES_FOLDER,
+    ):
         if (cached / TEST_BATCH).exists():
             return (*read_cifar10(cached), str(cached))
-    archive = keras_datasets_dir() / ARCHIVE_NAME
-    if archive.is_file():
-        return (*read_cifar10(archive), str(archive))
-    return (*download_cifar10(), "keras.datasets.cifar10 download")
-
-
-def download_cifar10():
-    """keras.datasets.cifar10.load_data(), which downloads CIFAR-10 once; offline it
-    fails with a long traceback, so say what to do instead."""
-    try:
-        (train_images, train_labels), (test_images, test_labels) = (
-            keras.datasets.cifar10.load_data()
-        )
+    if (datasets / ARCHIVE_NAME).is_file():
+        return (*read_cifar10(datasets / ARCHIVE_NAME), str(datasets / ARCHIVE_NAME))
+    try:  # offline, Keras fails with a long traceback: say what to do instead
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # urllib, HTTP and archive errors all land here
-        cache = keras_datasets_dir()
-        # Keras wraps URL errors in a bare Exception: its text holds the reason.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise settings.DataError(
             f"CIFAR-10 is not on this machine and the download failed ({reason}). "
             f"Pass --data_dir=FOLDER holding {ARCHIVE_NAME} or {BATCHES_FOLDER}/, "
-            f"or put {ARCHIVE_NAME} in {cache}/"
+            f"or put {ARCHIVE_NAME} in {datasets}/"
         ) from None
-    return (
-        train_images,
-        train_labels.ravel().astype(np.int32),
-        test_images,
-        test_labels.ravel().astype(np.int32),
-    )
-
-
-# ---------------------------------------------------------------------------------
-# Reading batch files: pickles, so admit nothing but numpy array reconstruction
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """A batch file asked for something other than numpy array reconstruction."""
+    labels = (y_train.ravel().astype(np.int32), y_test.ravel().astype(np.int32))
+    return x_train, labels[0], x_test, labels[1], "keras.datasets.cifar10 download"
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Refuses every global but the few numpy needs to rebuild an array, so a
-    crafted batch file cannot run code."""
+    """Batch files are pickles: this refuses every global but the few numpy needs to
+    rebuild an array, so a crafted batch file cannot run code."""
 
     ALLOWED = {
         (module, name)
@@ -188,62 +165,57 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise RefusedGlobal(f"refused to load {module}.{name}")
-        if module.startswith("numpy.core"):
-            module = module.replace("numpy.core", "numpy._core", 1)
-        return super().find_class(module, name)
+            raise settings.DataError(
+                f"refused to load {module}.{name}, which could run code"
+            )
+        return super().find_class(module.replace("numpy.core", "numpy._core", 1), name)
 
 
 def parse_batch(raw, name):
-    """One batch file's bytes -> (images uint8 (N, 32, 32, 3), labels int32 (N,))."""
+    """One batch file's bytes -> (images uint8 (N, 32, 32, 3), labels int32 (N,)),
+    checked; a bad file is a DataError naming it and what is wrong."""
+
+    def bad(problem):
+        return settings.DataError(f"{name}: {problem}")
+
     try:
         batch = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except RefusedGlobal as error:
-        raise settings.DataError(
-            f"{name}: not a CIFAR-10 batch file ({error}, which could run code)"
-        ) from None
+    except settings.DataError as error:
+        raise bad(f"not a CIFAR-10 batch file ({error})") from None
     except Exception as error:  # truncated or corrupt: EOFError, UnpicklingError, ...
         detail = (
             error if isinstance(error, pickle.UnpicklingError) else type(error).__name__
         )
-        raise settings.DataError(
-            f"{name}: truncated or corrupt ({detail}); download it again"
-        ) from None
+        raise bad(f"truncated or corrupt ({detail}); download it again") from None
     if not isinstance(batch, dict):
-        raise settings.DataError(
-            f"{name}: expected a dict, found {type(batch).__name__}"
-        )
+        raise bad(f"expected a dict, found {type(batch).__name__}")
     batch = {
         key.decode() if isinstance(key, bytes) else key: value
         for key, value in batch.items()
     }
     if "data" not in batch or "labels" not in batch:
-        raise settings.DataError(f"{name}: no 'data' and 'labels' entries")
-    data, labels = batch["data"], np.asarray(batch["labels"])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-        raise settings.DataError(
-            f"{name}: data must be a uint8 array, found {getattr(data, 'dtype', type(data).__name__)}"
+        raise bad("no 'data' and 'labels' entries")
+    pixels, labels = batch["data"], np.asarray(batch["labels"])
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+        raise bad(
+            f"data must be a uint8 array, found {getattr(pixels, 'dtype', type(pixels).__name__)}"
         )
-    if data.ndim != 2 or data.shape[1] != 3 * NATIVE_SIZE * NATIVE_SIZE:
-        raise settings.DataError(
-            f"{name}: data must have shape (N, 3072), found {data.shape}"
-        )
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise settings.DataError(
-            f"{name}: expected {len(data)} integer labels, found shape {labels.shape} {labels.dtype}"
+    if pixels.ndim != 2 or pixels.shape[1] != 3 * NATIVE_SIZE**2:
+        raise bad(f"data must have shape (N, 3072), found {pixels.shape}")
+    if labels.shape != (len(pixels),) or not np.issubdtype(labels.dtype, np.integer):
+        raise bad(
+            f"expected {len(pixels)} integer labels, found shape {labels.shape} {labels.dtype}"
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise settings.DataError(
-            f"{name}: labels must lie in 0..9, found {labels.min()}..{labels.max()}"
-        )
+        raise bad(f"labels must lie in 0..9, found {labels.min()}..{labels.max()}")
     # Rows are stored channel-first (1024 red, 1024 green, 1024 blue): to NHWC.
-    images = data.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE).transpose(0, 2, 3, 1)
+    images = pixels.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
 def read_cifar10(source):
-    """Read the five training batches and the test batch from a batches folder or
-    from the .tar.gz archive (without extracting it)."""
+    """The five training batches and the test batch, from a batches folder or from the
+    .tar.gz archive (read without extracting it)."""
     source = Path(source)
     if source.is_dir():
 
@@ -254,21 +226,16 @@ def read_cifar10(source):
                     f"{path}: missing; the folder needs {', '.join(TRAIN_BATCHES)} and {TEST_BATCH}"
                 )
             try:
-                raw = path.read_bytes()
+                return parse_batch(path.read_bytes(), str(path))
             except OSError as error:
                 raise settings.DataError(
                     f"{path}: unreadable ({error.strerror})"
                 ) from None
-            return parse_batch(raw, str(path))
 
-        return _assemble(read)
+        return assemble(read)
     try:
         with tarfile.open(source, "r:gz") as archive:
-            members = {
-                Path(member.name).name: member
-                for member in archive.getmembers()
-                if member.isfile()
-            }
+            members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
 
             def read(name):
                 if name not in members:
@@ -279,35 +246,22 @@ def read_cifar10(source):
                     archive.extractfile(members[name]).read(), f"{source}:{name}"
                 )
 
-            return _assemble(read)
+            return assemble(read)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise settings.DataError(
             f"{source}: unreadable archive ({type(error).__name__}: {error}); download it again"
         ) from None
 
 
-def _assemble(read):
+def assemble(read):
     train = [read(name) for name in TRAIN_BATCHES]
     test_images, test_labels = read(TEST_BATCH)
-    train_images = np.concatenate([images for images, _ in train])
-    train_labels = np.concatenate([labels for _, labels in train])
-    return train_images, train_labels, test_images, test_labels
+    images, labels = (np.concatenate(part) for part in zip(*train))
+    return images, labels, test_images, test_labels
 
 
 # ---------------------------------------------------------------------------------
 # Class folders: one's own images, FOLDER/train/<class>/<images> (Keras's layout)
-
-# What tf.io.decode_image reads; other files are not images and are skipped.
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
-HELD_OUT_FOLDERS = ("test", "val", "validation")  # beside train/: the test set, in order
-# The test split taken from train/ has a seed of its own, not SEED: runs with other
-# seeds, and evaluate.py, then see the same test images.
-TEST_SPLIT_SEED = 0
-DECODE_CHUNK = 256  # images decoded and resized per chunk before they are stored
-FOLDERS_LAYOUT = (
-    "class folders (train/<class>/<images>, optionally test/, val/ or validation/ "
-    "beside train/)"
-)
 
 
 class ClassFolders(NamedTuple):
@@ -322,13 +276,11 @@ class ClassFolders(NamedTuple):
 
 
 def class_folders_root(data_dir):
-    """The folder of class folders that `data_dir` names, or None when it is
-    CIFAR-10 (or nothing): CIFAR-10 batches or archive win over a train/ folder.
-    A folder that is neither stops with exit code 3 saying what was expected."""
-    if not data_dir:
-        return None
-    path = Path(data_dir).expanduser()
-    if not path.is_dir() or find_source(path) is not None:
+    """The folder of class folders that `data_dir` names, or None for CIFAR-10 (whose
+    batches or archive win over a train/ folder); a folder that is neither stops with
+    exit code 3 saying what was expected."""
+    path = Path(data_dir).expanduser() if data_dir else None
+    if path is None or not path.is_dir() or find_source(path) is not None:
         return None
     if (path / "train").is_dir():
         return path
@@ -344,15 +296,13 @@ def class_folders_root(data_dir):
 def visible_folders(path):
     """Sub-folders of `path`, sorted, without hidden ones (.ipynb_checkpoints, ...)."""
     return sorted(
-        entry
-        for entry in Path(path).iterdir()
-        if entry.is_dir() and not entry.name.startswith(".")
+        e for e in Path(path).iterdir() if e.is_dir() and not e.name.startswith(".")
     )
 
 
 def image_files(folder, limit=0):
-    """Image files under `folder` (sub-folders included, hidden ones not), sorted;
-    at most `limit` of them when it is set."""
+    """Image files under `folder`, sub-folders included, hidden ones not, sorted; at
+    most `limit` of them when it is set."""
     found = []
     for parent, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -367,15 +317,14 @@ def image_files(folder, limit=0):
 
 
 def list_split(split_dir, class_names):
-    """(files, labels) of one split's class folders, `class_names` in label order;
-    an empty class folder is an error."""
+    """(files, labels) of one split's class folders; an empty class folder is an error."""
     files, labels = [], []
     for label, name in enumerate(class_names):
         found = image_files(split_dir / name)
         if not found:
             raise settings.DataError(
-                f"{split_dir / name}: empty class folder (no "
-                f"{'/'.join(IMAGE_EXTENSIONS)} files); add images or remove the folder"
+                f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} "
+                f"files); add images or remove the folder"
             )
         files += found
         labels += [label] * len(found)
@@ -392,8 +341,7 @@ def list_class_folders(root, test_fraction):
     if len(class_names) < 2:
         found = f"only one ({class_names[0]}/)" if class_names else "none"
         raise settings.DataError(
-            f"{train_dir}: class folders needed, 2 or more, found {found}; "
-            f"expected {FOLDERS_LAYOUT}"
+            f"{train_dir}: class folders needed, 2 or more, found {found}; expected {FOLDERS_LAYOUT}"
         )
     train_files, train_labels = list_split(train_dir, class_names)
     held_out = [name for name in HELD_OUT_FOLDERS if (root / name).is_dir()]
@@ -403,8 +351,8 @@ def list_class_folders(root, test_fraction):
         unseen = [name for name in test_classes if name not in class_names]
         if unseen:
             raise settings.DataError(
-                f"{test_dir / unseen[0]}: class {unseen[0]!r} is not in {train_dir}/, "
-                f"so training never sees it; add train/{unseen[0]}/ or remove it"
+                f"{test_dir / unseen[0]}: class {unseen[0]!r} is not in {train_dir}/, so "
+                f"training never sees it; add train/{unseen[0]}/ or remove it"
             )
         if not test_classes:
             raise settings.DataError(
@@ -414,30 +362,25 @@ def list_class_folders(root, test_fraction):
         test_files, test_labels = list_split(test_dir, test_classes)
         # Labels index the training classes, which the test split may only part cover.
         test_labels = np.array(
-            [class_names.index(test_classes[label]) for label in test_labels], np.int32
+            [class_names.index(test_classes[i]) for i in test_labels], np.int32
         )
         unused = "".join(f", {name}/ not used" for name in held_out[1:])
         source = f"{root} (class folders; test set: {held_out[0]}/{unused})"
     else:
-        settings.require(
-            0 < test_fraction < 1,
-            f"--test_fraction must lie in (0, 1), got {test_fraction}",
-        )
         try:
-            train_index, test_index = train_test_split(
-                np.arange(len(train_labels)),
-                test_size=test_fraction,
-                stratify=train_labels,
-                random_state=TEST_SPLIT_SEED,
+            train_index, test_index = (
+                np.sort(part)
+                for part in train_test_split(
+                    np.arange(len(train_labels)), test_size=test_fraction,
+                    stratify=train_labels, random_state=TEST_SPLIT_SEED,
+                )  # fmt: skip
             )
         except ValueError as error:
             raise settings.ConfigError(
-                f"{train_dir}: cannot hold out a stratified test set of "
-                f"--test_fraction={test_fraction} from {len(train_labels)} images in "
-                f"{len(class_names)} classes ({error}); add images or a test/ folder"
+                f"{train_dir}: cannot hold out a stratified test set of --test_fraction="
+                f"{test_fraction} from {len(train_labels)} images in {len(class_names)} "
+                f"classes ({error}); add images or a test/ folder"
             ) from None
-        train_index.sort()
-        test_index.sort()
         test_files, test_labels = train_files[test_index], train_labels[test_index]
         train_files, train_labels = train_files[train_index], train_labels[train_index]
         source = (
@@ -450,67 +393,46 @@ def list_class_folders(root, test_fraction):
 
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
-    """uint8 (N, S, S, 3) of `files` at S = `image_size`: RGB (grayscale spread to
-    three channels, alpha dropped, a GIF's first frame), squeezed to a square as
-    Keras's image_dataset_from_directory does. Decoded in parallel and resized a
-    chunk at a time into one array made up front, so memory grows with the
-    images at S, never with the photos' own size. A file that does not decode
-    stops with exit code 3 naming it."""
+    """uint8 (N, S, S, 3) of `files` at S = `image_size`: RGB (grayscale spread to three
+    channels, alpha dropped, a GIF's first frame), squeezed to a square as Keras's
+    image_dataset_from_directory does. Decoded in parallel and resized a chunk at a
+    time into one array, so memory grows with the images at S, never with the photos'
+    own size. A file that does not decode stops with exit code 3 naming it."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
-    if not len(files):
-        return images
 
     def decode(path):
         image = tf.io.decode_image(
             tf.io.read_file(path), channels=3, expand_animations=False
         )
-        # Antialiased, so large photos shrink without aliasing.
         image = tf.image.resize(image, (image_size, image_size), antialias=True)
         return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
-    chunks = (
-        tf.data.Dataset.from_tensor_slices(list(files))
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(chunk)
-        .prefetch(1)
-    )
-    done = 0
-    with native_stderr_silenced():
+    def decode_all():
+        done = 0
         try:
-            for batch in chunks:
+            for batch in (
+                tf.data.Dataset.from_tensor_slices(list(files))
+                .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .batch(chunk)
+                .prefetch(1)
+            ):
                 images[done : done + len(batch)] = batch.numpy()
                 done += len(batch)
         except tf.errors.OpError:
-            # The chunk that failed starts at `done`: find its bad file, one at a time.
-            for path in files[done:]:
+            for path in files[done:]:  # the failed chunk starts at `done`: find its file
                 try:
                     decode(tf.constant(path))
                 except tf.errors.OpError as error:
                     reason = error.message.split("}}")[-1].split("[Op:")[0].strip()
                     raise settings.DataError(
-                        f"{path}: not a readable image "
-                        f"({reason or type(error).__name__}); fix it or remove it"
+                        f"{path}: not a readable image ({reason or type(error).__name__}); "
+                        f"fix it or remove it"
                     ) from None
             raise
+
+    if len(files):
+        settings.quietly(decode_all, drop=DECODE_NOISE)
     return images
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """File descriptor 2 sent to /dev/null for a while: libjpeg and TensorFlow's C++
-    runtime write a corrupt file's complaints there, several lines without its
-    name, where the error raised instead names the file in one line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 # ---------------------------------------------------------------------------------
@@ -518,14 +440,10 @@ def native_stderr_silenced():
 
 
 def split(images, labels, val_fraction, seed, train_images=0):
-    """(train_images, train_labels, val_images, val_labels): a stratified subset of
+    """(train images, train labels, val images, val labels): a stratified subset of
     `train_images` images (0 = all), then a stratified validation split from it."""
-    settings.require(
-        0 < val_fraction < 1, f"--val_fraction must lie in (0, 1), got {val_fraction}"
-    )
-    settings.require(
-        train_images >= 0,
-        f"--train_images must be 0 (all) or positive, got {train_images}",
+    settings.check_data_settings(
+        {"VAL_FRACTION": val_fraction, "TRAIN_IMAGES": train_images}
     )
     index = np.arange(len(labels))
     try:
@@ -541,8 +459,7 @@ def split(images, labels, val_fraction, seed, train_images=0):
             f"cannot split {len(index)} images into stratified train and validation sets "
             f"with --val_fraction={val_fraction}: {error}"
         ) from None
-    train_index.sort()
-    val_index.sort()
+    train_index, val_index = np.sort(train_index), np.sort(val_index)
     return images[train_index], labels[train_index], images[val_index], labels[val_index]
 
 
@@ -562,21 +479,15 @@ class Data(NamedTuple):
 def load_data(
     data_dir, image_size, val_fraction, seed, train_images=0, test_fraction=TEST_FRACTION
 ):
-    """CIFAR-10 at 32 px, or the class folders `data_dir` names at `image_size`,
-    split into a TRAIN_IMAGES subset, a validation split from it and the test set.
-    Of class folders only the images used are decoded, after every check."""
+    """CIFAR-10 at 32 px, or the class folders `data_dir` names at `image_size`, split
+    into a TRAIN_IMAGES subset, a validation split from it and the test set. Of class
+    folders only the images used are decoded, after every check."""
     root = class_folders_root(data_dir)
     if root is None:
         images, labels, test_images, test_labels, source = load_cifar10(data_dir)
-        return Data(
-            *split(images, labels, val_fraction, seed, train_images),
-            test_images,
-            test_labels,
-            CLASS_NAMES,
-            source,
-        )
+        splits = split(images, labels, val_fraction, seed, train_images)
+        return Data(*splits, test_images, test_labels, CLASS_NAMES, source)
     folders = list_class_folders(root, test_fraction)
-    # Split the file list, then decode only what the splits use.
     train_files, y_train, val_files, y_val = split(
         folders.train_files, folders.train_labels, val_fraction, seed, train_images
     )
@@ -591,51 +502,40 @@ def load_data(
         f"in {time.perf_counter() - start:.1f} s"
     )
     return Data(
-        x_train, y_train, x_val, y_val, x_test, folders.test_labels,
-        folders.class_names, folders.source,
+        x_train, y_train, x_val, y_val, x_test, folders.test_labels, folders.class_names,
+        folders.source,
     )  # fmt: skip
 
 
 def load_test_data(data_dir, image_size, test_fraction=TEST_FRACTION):
-    """(test images, test labels, source, training image count, class names): the
-    test set a run was evaluated on, for evaluate.py."""
+    """(test images, test labels, source, training image count, class names): the test
+    set a run was evaluated on, for evaluate.py."""
     root = class_folders_root(data_dir)
     if root is None:
         train_images, _, test_images, test_labels, source = load_cifar10(data_dir)
         return test_images, test_labels, source, len(train_images), CLASS_NAMES
     folders = list_class_folders(root, test_fraction)
+    test_images = decode_images(folders.test_files, image_size)
     return (
-        decode_images(folders.test_files, image_size),
-        folders.test_labels,
-        folders.source,
-        len(folders.train_labels),
+        test_images, folders.test_labels, folders.source, len(folders.train_labels),
         folders.class_names,
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------
 # Pipelines: uint8 in memory, all float work one batch at a time
 
 
-def make_augmenter(flip=False, translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0, seed=0):
-    """Keras preprocessing layers for 32 px batches in [0, 255]; None when all off
-    (the defaults: the settings live in each script's config block). Reflect
-    padding keeps shifted borders looking like image, not black bars. Shifts are
-    whole pixels (nearest): bilinear sub-pixel shifts would blur most training
-    images while the test images stay sharp."""
+def make_augmenter(translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0, seed=0):
+    """Keras preprocessing layers for batches in [0, 255] at their stored side; None
+    when all are off. Reflect padding keeps shifted borders looking like image, not
+    black bars; shifts are whole pixels (nearest), so training images stay as sharp as
+    the test images. Flips are make_dataset's."""
     layers = []
-    if flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
     if translate:
-        layers.append(
-            keras.layers.RandomTranslation(
-                translate,
-                translate,
-                fill_mode="reflect",
-                interpolation="nearest",
-                seed=seed + 1,
-            )
-        )
+        layers.append(keras.layers.RandomTranslation(
+            translate, translate, fill_mode="reflect", interpolation="nearest", seed=seed + 1
+        ))  # fmt: skip
     if rotate:
         layers.append(
             keras.layers.RandomRotation(rotate, fill_mode="reflect", seed=seed + 2)
@@ -652,51 +552,53 @@ def make_augmenter(flip=False, translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0
 
 
 def make_dataset(
-    images,
-    labels,
-    *,
-    batch_size,
-    image_size,
-    value_range,
-    augmenter=None,
-    shuffle=False,
-    seed=0,
-    repeat=False,
-    num_classes=NUM_CLASSES,
-):
+    images, labels, *, batch_size, image_size, value_range, augmenter=None, flip="none",
+    shuffle=False, seed=0, repeat=False, num_classes=NUM_CLASSES,
+):  # fmt: skip
     """A tf.data pipeline of (images float32 (B, S, S, 3) in `value_range`, one-hot
-    labels (B, num_classes)). The uint8 array (N, side, side, 3) is held once (150 MB
-    for 50,000 CIFAR-10 images); only shuffled indices flow, and each batch is
-    gathered, augmented at its stored side, resized to `image_size` and scaled on
-    its own."""
+    labels (B, num_classes)). The uint8 array (N, side, side, 3) is held once; only
+    shuffled indices flow, and each batch is gathered, flipped, augmented at its stored
+    side, resized to `image_size` and scaled on its own. `flip`: "random", a coin per
+    image and pass; "alternate" (airbench's), a coin per image in the first pass, then
+    each image mirrored in every other pass from there; or "none"."""
     images = np.asarray(images, dtype=np.uint8)
-    side = images.shape[1]
+    side, low, high = images.shape[1], *value_range
     labels = tf.convert_to_tensor(labels, dtype=tf.int32)
-    low, high = value_range
-    scale = (high - low) / 255.0
+    coins = tf.constant(np.random.default_rng(seed).integers(0, 2, len(labels)), tf.int64)
+    passes = tf.Variable(-1, dtype=tf.int64, trainable=False)
 
-    def gather(index):
-        # Batches are gathered from the caller's array itself: turning the whole
-        # array into a tensor would copy it, and briefly hold it twice more.
-        return images[index]
-
-    def load_batch(index):
-        batch = tf.numpy_function(gather, [index], tf.uint8, stateful=False)
-        batch = tf.ensure_shape(batch, (None, side, side, 3))
-        batch = tf.cast(batch, tf.float32)
+    def load_batch(index, pass_number):
+        # Gathered from the caller's array itself: a tensor of it would copy it.
+        batch = tf.numpy_function(lambda i: images[i], [index], tf.uint8, stateful=False)
+        batch = tf.cast(tf.ensure_shape(batch, (None, side, side, 3)), tf.float32)
+        if flip != "none":
+            if flip == "random":
+                mirrored = tf.random.uniform(tf.shape(index), 0, 2, tf.int64, seed=seed)
+            else:
+                mirrored = (tf.gather(coins, index) + pass_number) % 2
+            mirrored = tf.reshape(tf.cast(mirrored, tf.bool), (-1, 1, 1, 1))
+            batch = tf.where(mirrored, tf.reverse(batch, [2]), batch)
         if augmenter is not None:
             batch = augmenter(batch, training=True)
         if image_size != side:
             batch = tf.image.resize(batch, (image_size, image_size), method="bilinear")
-        batch = tf.clip_by_value(batch * scale + low, low, high)
+        batch = tf.clip_by_value(batch * ((high - low) / 255.0) + low, low, high)
         return batch, tf.one_hot(tf.gather(labels, index), num_classes)
 
-    dataset = tf.data.Dataset.range(len(labels))
+    indices = tf.data.Dataset.range(len(labels))
     if shuffle:
-        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        indices = indices.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    # Each pass over the images counts itself, for alternating flips.
+    dataset = (
+        tf.data.Dataset.range(1)
+        .map(lambda _: passes.assign_add(1))
+        .flat_map(lambda number: indices.batch(batch_size).map(lambda i: (i, number)))
+    )
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.batch(batch_size)
+    else:  # flat_map hides the length, which Keras needs to end each epoch quietly
+        steps = -(-len(labels) // batch_size)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
     dataset = dataset.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -704,13 +606,9 @@ def make_dataset(
 def augmenter_for(config):
     """The augmentation a script's AUGMENT_* settings describe, seeded by its SEED."""
     return make_augmenter(
-        config["AUGMENT_FLIP"],
-        config["AUGMENT_TRANSLATE"],
-        config["AUGMENT_ROTATE"],
-        config["AUGMENT_ZOOM"],
-        config["AUGMENT_CONTRAST"],
-        seed=config["SEED"],
-    )
+        config["AUGMENT_TRANSLATE"], config["AUGMENT_ROTATE"], config["AUGMENT_ZOOM"],
+        config["AUGMENT_CONTRAST"], seed=config["SEED"],
+    )  # fmt: skip
 
 
 class Pipelines(NamedTuple):
@@ -720,6 +618,7 @@ class Pipelines(NamedTuple):
     validation: tf.data.Dataset
     test: tf.data.Dataset
     sizes: dict  # images per split: {"train": ..., "validation": ..., "test": ...}
+    batch_size: int  # images per step, all replicas together
     steps_per_epoch: int  # batches per epoch, for learning-rate schedules
     fit_steps: int | None  # for model.fit: None = each epoch runs the whole set once
     images_per_epoch: int
@@ -728,45 +627,36 @@ class Pipelines(NamedTuple):
     train_images: np.ndarray  # the training split, uint8 (N, S, S, 3), as stored
 
 
-def pipelines_for(config, value_range):
+def pipelines_for(config, value_range, replicas=1):
     """The data of a training script's run, from its config block: CIFAR-10 or class
-    folders found (DATA_DIR), the TRAIN_IMAGES subset and VAL_FRACTION split (SEED),
-    and pipelines of BATCH_SIZE batches at IMG_SIZE scaled to `value_range`."""
-    settings.require(config["IMG_SIZE"] >= NATIVE_SIZE, "--img_size must be 32 or more")
+    folders (DATA_DIR), the TRAIN_IMAGES subset and VAL_FRACTION split (SEED), and
+    pipelines of batches at IMG_SIZE scaled to `value_range`. The batch is BATCH_SIZE,
+    or an eighth of the training images when that is smaller (a small set still gets
+    several steps an epoch), rounded to a multiple of `replicas`."""
     settings.check_data_settings(config)
-    x_train, y_train, x_val, y_val, test_images, test_labels, class_names, source = (
-        load_data(
-            config["DATA_DIR"],
-            config["IMG_SIZE"],
-            config["VAL_FRACTION"],
-            config["SEED"],
-            config["TRAIN_IMAGES"],
-            # Runs saved before TEST_FRACTION existed resume with the default.
-            config.get("TEST_FRACTION", TEST_FRACTION),
-        )
-    )
-    batch_size, fixed_steps = config["BATCH_SIZE"], config["STEPS_PER_EPOCH"]
+    x_train, y_train, x_val, y_val, x_test, y_test, class_names, source = load_data(
+        config["DATA_DIR"], config["IMG_SIZE"], config["VAL_FRACTION"], config["SEED"],
+        config["TRAIN_IMAGES"], config.get("TEST_FRACTION", TEST_FRACTION),
+    )  # fmt: skip
+    batch_size = min(config["BATCH_SIZE"], max(len(y_train) // 8, 1))
+    batch_size = max(round(batch_size / replicas), 1) * replicas
+    fixed_steps = config["STEPS_PER_EPOCH"]
     batches = dict(
-        batch_size=batch_size,
-        image_size=config["IMG_SIZE"],
-        value_range=value_range,
+        batch_size=batch_size, image_size=config["IMG_SIZE"], value_range=value_range,
         num_classes=len(class_names),
-    )
-    steps_per_epoch = fixed_steps or -(-len(y_train) // batch_size)
+    )  # fmt: skip
+    train = make_dataset(
+        x_train, y_train, **batches, augmenter=augmenter_for(config),
+        flip=config["AUGMENT_FLIP"], shuffle=True, seed=config["SEED"],
+        repeat=bool(fixed_steps),
+    )  # fmt: skip
     return Pipelines(
-        train=make_dataset(
-            x_train,
-            y_train,
-            **batches,
-            augmenter=augmenter_for(config),
-            shuffle=True,
-            seed=config["SEED"],
-            repeat=bool(fixed_steps),
-        ),
+        train=train,
         validation=make_dataset(x_val, y_val, **batches),
-        test=make_dataset(test_images, test_labels, **batches),
-        sizes={"train": len(y_train), "validation": len(y_val), "test": len(test_labels)},
-        steps_per_epoch=steps_per_epoch,
+        test=make_dataset(x_test, y_test, **batches),
+        sizes={"train": len(y_train), "validation": len(y_val), "test": len(y_test)},
+        batch_size=batch_size,
+        steps_per_epoch=fixed_steps or -(-len(y_train) // batch_size),
         fit_steps=fixed_steps or None,
         images_per_epoch=fixed_steps * batch_size if fixed_steps else len(y_train),
         source=source,
@@ -779,31 +669,36 @@ def pipelines_for(config, value_range):
 # Report: python data.py
 
 
-def save_figures(images, labels, augmenter, plots_dir, figure_size, class_names, title):
-    """samples.png (originals with class names, under `title`) and augmented.png
-    (the same images augmented and resized to `figure_size`, as the model would see
-    them)."""
+def save_figures(images, labels, config, class_names, title):
+    """plots/samples.png (the images as stored) and plots/augmented.png (augmented and
+    resized to FIGURE_SIZE as a training pipeline would); returns their paths."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
-    plots_dir = Path(plots_dir)
+    plots_dir = Path(config["PLOTS_DIR"])
     plots_dir.mkdir(parents=True, exist_ok=True)
     augmented = next(iter(make_dataset(
-        images, labels, batch_size=len(labels), image_size=figure_size,
-        value_range=(0.0, 1.0), augmenter=augmenter, num_classes=len(class_names),
-    )))[0].numpy()  # fmt: skip
+        images, labels, batch_size=len(labels), image_size=config["FIGURE_SIZE"],
+        value_range=(0.0, 1.0), augmenter=augmenter_for(config), flip=config["AUGMENT_FLIP"],
+        seed=config["SEED"], num_classes=len(class_names),
+    )))  # fmt: skip
+    augmented = [(augmented[0].numpy(), augmented[1].numpy().argmax(1))]
     columns = min(8, len(labels))
-    rows = -(-len(labels) // columns)
-    side = images.shape[1]
+    rows, side = -(-len(labels) // columns), images.shape[1]
+    size = config["FIGURE_SIZE"]
     paths = []
-    for name, pictures, heading in (
-        ("samples.png", images, f"{title}: random training images ({side}x{side})"),
+    for name, (pictures, picture_labels), heading in (
+        (
+            "samples.png",
+            (images, labels),
+            f"{title}: random training images ({side}x{side})",
+        ),
         (
             "augmented.png",
-            augmented,
-            f"The same images augmented and resized to {figure_size}x{figure_size}",
+            augmented[0],
+            f"The same images augmented and resized to {size}x{size}",
         ),
     ):
         figure, axes = plt.subplots(
@@ -811,7 +706,7 @@ def save_figures(images, labels, augmenter, plots_dir, figure_size, class_names,
         )
         for axis in axes.flat:
             axis.axis("off")
-        for axis, picture, label in zip(axes.flat, pictures, labels):
+        for axis, picture, label in zip(axes.flat, pictures, picture_labels):
             axis.imshow(picture)
             axis.set_title(class_names[label], fontsize=9)
         figure.suptitle(heading)
@@ -822,49 +717,31 @@ def save_figures(images, labels, augmenter, plots_dir, figure_size, class_names,
     return paths
 
 
-def check_config(config):
-    """Checks of the settings alone: run before TensorFlow loads, and by main()."""
-    settings.check_data_settings(config)
-    settings.require(config["FIGURE_IMAGES"] > 0, "--figure_images must be positive")
-
-
 def main(argv):
     config = training.configure(CONFIG, argv)
     check_config(config)
     # Class folders are decoded at the augmented figure's size: every image is
     # checked here as training would check it.
-    x_train, y_train, _, y_val, _, test_labels, class_names, source = load_data(
-        config["DATA_DIR"],
-        config["FIGURE_SIZE"],
-        config["VAL_FRACTION"],
-        config["SEED"],
-        config["TRAIN_IMAGES"],
-        config["TEST_FRACTION"],
-    )
+    x_train, y_train, _, y_val, _, y_test, class_names, source = load_data(
+        config["DATA_DIR"], config["FIGURE_SIZE"], config["VAL_FRACTION"], config["SEED"],
+        config["TRAIN_IMAGES"], config["TEST_FRACTION"],
+    )  # fmt: skip
     root = class_folders_root(config["DATA_DIR"])
     print(f"CIFAR-10 from {source}" if root is None else source)
     width = max(len("class"), *(len(name) for name in class_names))
     print(f"{'class':<{width}} {'train':>7} {'val':>7} {'test':>7}")
     for index, name in enumerate(class_names):
-        counts = [
-            int((labels == index).sum()) for labels in (y_train, y_val, test_labels)
-        ]
+        counts = [int((labels == index).sum()) for labels in (y_train, y_val, y_test)]
         print(f"{name:<{width}} " + " ".join(f"{count:>7}" for count in counts))
-    print(f"{'total':<{width}} {len(y_train):>7} {len(y_val):>7} {len(test_labels):>7}")
-
+    print(f"{'total':<{width}} {len(y_train):>7} {len(y_val):>7} {len(y_test):>7}")
     rng = np.random.default_rng(config["SEED"])
-    pick = rng.choice(
-        len(y_train), size=min(config["FIGURE_IMAGES"], len(y_train)), replace=False
+    pick = np.sort(
+        rng.choice(
+            len(y_train), min(config["FIGURE_IMAGES"], len(y_train)), replace=False
+        )
     )
-    for path in save_figures(
-        x_train[pick],
-        y_train[pick],
-        augmenter_for(config),
-        config["PLOTS_DIR"],
-        config["FIGURE_SIZE"],
-        class_names,
-        "CIFAR-10" if root is None else root.resolve().name,
-    ):
+    title = "CIFAR-10" if root is None else root.resolve().name
+    for path in save_figures(x_train[pick], y_train[pick], config, class_names, title):
         print(f"wrote {path}")
 
 

@@ -1,14 +1,16 @@
-"""A wide, shallow CNN (airbench-style) trained from scratch on CIFAR-10 at 32x32.
+"""A CNN trained from scratch on CIFAR-10 at 32 px with airbench94's recipe, in Keras.
 
     python scratch_cnn.py                                   # full run (defaults below)
+    python scratch_cnn.py --width=32 --epochs=10            # half width: a few times faster
     python scratch_cnn.py --epochs=3 --train_images=5000    # quick CPU check
     python scratch_cnn.py --resume=last                     # go on with an interrupted run
 
-Result: 84.7% test accuracy on CIFAR-10 (JPEG copy) with the defaults, mean of seeds 0,
-1 and 2 (84.65%, 84.40%, 84.92%; 83.5% without flip averaging; the report's CNN: ~72%),
-8 epochs in 1,591 s on both cores of a 2-core AMD EPYC CPU (seed 2, 234 images/s;
-seeds 0 and 1: 2,774 s and 2,564 s on one core; `python scratch_cnn.py --data_dir=...
---seed=S`). README, Results: the recipe change by change, and 5,000 training images.
+The recipe is airbench94's (Keller Jordan, arXiv 2404.00498): a frozen whitening first
+layer computed from the training images, identity-initialised convolutions, BatchNorm
+biases that learn 64x faster than the weights, Nesterov SGD with coupled L2 under a
+linear warm-up and decay, lookahead towards a moving average of the weights, label
+smoothing, alternating flips and 6-view test-time augmentation. README, Results, gives
+what it reaches; docs/scratch-recipe.md what each ingredient adds.
 """
 
 import settings
@@ -16,6 +18,7 @@ import settings
 settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
 
 import keras
+import numpy as np
 
 import data
 import training
@@ -28,33 +31,38 @@ TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
 VAL_FRACTION = 0.1  # share of the training images held out for validation
 TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out to test
 IMG_SIZE = 32  # pixels: the side images are resized to; 32 = native
-BATCH_SIZE = 128  # images per step
-AUGMENT_FLIP = True  # random horizontal flips
-AUGMENT_TRANSLATE = 0.125  # random shifts with reflect padding, fraction of the side
+BATCH_SIZE = 1024  # images per step; at most an eighth of the training images
+AUGMENT_FLIP = "alternate"  # horizontal flips: "random", "alternate" (airbench) or "none"
+AUGMENT_TRANSLATE = 0.0625  # random shifts with reflect padding, fraction of the side
 AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, fraction (0 = off)
-STEM_WIDTH = 24  # filters of the 3x3 convolution before the blocks
-WIDTH = 40  # filters in the first block, doubled in each next one; 40 = 0.46M params
-DROPOUT = 0.0  # dropout rate after each block; short runs underfit, so off
-BATCHNORM_MOMENTUM = 0.9  # moving-average momentum; Keras's 0.99 settles too slowly
-EPOCHS = 8  # passes over the training images: about 27 min on a 2-core CPU, 45 on one core
-STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
-OPTIMIZER = "sgd"  # "sgd" (with Nesterov momentum) or "adamw"
-MOMENTUM = 0.9  # SGD's Nesterov momentum; unused by adamw
-LEARNING_RATE = 0.05  # peak, after warm-up; 2e-3 for adamw
-# 0.05 after 16 warm-up steps blew 1,000-image runs (64 steps) up: short runs peak lower
-FULL_RATE_STEPS = 256  # fewer steps: peak at LEARNING_RATE x steps / this; 0 = off
-WARMUP_EPOCHS = 2  # linear warm-up from 0 (at most the whole run), then cosine to 0
-WEIGHT_DECAY = 5e-3  # decoupled, times the learning rate; = coupled L2 5e-4 under
-# momentum 0.9 (Keras applies it outside the momentum); about 0.05 suits adamw
-LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
-TTA = "flip"  # test-time augmentation: "none", "flip" (mean with the mirror image) or
+WIDTH = 64  # filters of block 1; blocks 2 and 3 have 4x as many (airbench94: 64)
+WHITEN = True  # first layer: frozen 2x2 whitening filters from the training images
+WHITEN_IMAGES = 5000  # training images the whitening filters are computed from
+WHITEN_EPSILON = 5e-4  # added to each eigenvalue before its inverse square root
+DIRAC_INIT = True  # convolutions start as identities on their first input channels
+BATCHNORM_MOMENTUM = 0.6  # moving-average momentum (Keras's sense; PyTorch's 0.4)
+BIAS_RATE_FACTOR = 64.0  # BatchNorm biases learn this many times faster than weights
+LOGIT_SCALE = 0.111  # logits times this before the softmax (airbench94: 1/9)
+EPOCHS = 10  # passes over the training images
+LEARNING_RATE = 1.5  # SGD peak rate for a batch of 1,024 (mean loss), scaled by batch
+MOMENTUM = 0.85  # Nesterov momentum
+L2 = (
+    1.33e-3  # coupled L2: lambda x weight added to each gradient (PyTorch's weight_decay)
+)
+WARMUP_FRACTION = 0.23  # share of the steps the rate rises over, linearly
+START_RATE = 0.2  # the warm-up starts at this fraction of the peak rate
+END_RATE = 0.07  # then the rate falls linearly to this fraction of the peak
+LOOKAHEAD = True  # every 5 steps, weights move to their moving average (airbench)
+LABEL_SMOOTHING = 0.2  # 0 = plain one-hot targets
+TTA = "crops"  # test-time augmentation: "none", "flip" (mean with the mirror image) or
 # "crops" (flip, plus 1-pixel shifts each mirrored: 6 views)
+STEPS_PER_EPOCH = 0  # batches per epoch; 0 = the whole training set
 EARLY_STOPPING_PATIENCE = 0  # epochs without a better val_accuracy; 0 = off
 MIXED_PRECISION = "auto"  # "off", "on" (float16 on a GPU, else bfloat16) or "auto"
 # (on for GPUs and for CPUs with AMX bfloat16 units)
-JIT_COMPILE = False  # XLA-compile the train step: try it on GPUs
+JIT_COMPILE = False  # XLA-compile the train step
 SEED = 0  # seeds the split, shuffling, augmentation and initial weights
 OUT_DIR = "runs"  # run folders go to OUT_DIR/scratch_cnn/<timestamp>/
 RESUME = ""  # a run folder to go on with, "last" for the newest unfinished one
@@ -62,122 +70,179 @@ VERBOSE = 1  # 0 = quiet, 1 = progress bar, 2 = a line per epoch and all TF noti
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 SCRIPT = "scratch_cnn"
-VALUE_RANGE = (0.0, 1.0)  # inputs the network is trained on: pixels / 255
+VALUE_RANGE = (0.0, 1.0)  # inputs the pipeline hands over: pixels / 255
+LOOKAHEAD_EVERY = 5  # steps between lookahead moves
+LOOKAHEAD_DECAY = 0.95**5  # the moving average's decay at the end of training
 
 
 def check_config(config):
     """Checks of the settings alone: run before TensorFlow loads, and by main()."""
-    settings.require(
-        config["OPTIMIZER"] in ("sgd", "adamw"), "--optimizer must be sgd or adamw"
-    )
     settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
-    settings.check_data_settings(config)
+    settings.require(config["WIDTH"] > 0, "--width must be positive")
+    settings.require(config["IMG_SIZE"] >= 16, "--img_size must be 16 or more")
+    settings.require(
+        0 <= config["WARMUP_FRACTION"] < 1, "--warmup_fraction must lie in [0, 1)"
+    )
+    settings.require(
+        config["AUGMENT_FLIP"] in ("random", "alternate", "none"),
+        "--augment_flip must be random, alternate or none",
+    )
     settings.require(
         config["TTA"] in ("none", "flip", "crops"), "--tta must be none, flip or crops"
     )
+    settings.require(
+        config["MIXED_PRECISION"] in ("off", "on", "auto"),
+        "--mixed_precision must be off, on or auto",
+    )
+    settings.check_data_settings(config)
 
 
 # ---------------------------------------------------------------------------------
 # Model
 
 
-def build_model(
-    image_size,
-    stem_width,
-    width,
-    dropout,
-    batchnorm_momentum,
-    num_classes=data.NUM_CLASSES,
-):
-    """airbench-style, wide and shallow: a cheap 3x3 stem of `stem_width` filters,
-    then three blocks at `width`, 2x and 4x filters of conv, max-pool, BatchNorm,
-    ReLU, conv, BatchNorm, ReLU (pooling first, so each block's second conv runs at
-    a quarter of the cost), then global max pooling and softmax. Dropout after each
-    block if `dropout` > 0."""
-
-    def conv_bn_relu(x, filters, name, suffix="", pool=False):
-        # No bias: the BatchNorm right after has its own.
-        x = keras.layers.Conv2D(
-            filters, 3, padding="same", use_bias=False, name=f"{name}_conv{suffix}"
-        )(x)
-        if pool:
-            x = keras.layers.MaxPooling2D(name=f"{name}_pool")(x)
-        x = keras.layers.BatchNormalization(
-            momentum=batchnorm_momentum, name=f"{name}_bn{suffix}"
-        )(x)
-        return keras.layers.ReLU(name=f"{name}_relu{suffix}")(x)
-
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = conv_bn_relu(inputs, stem_width, "stem")
-    for block in range(3):
-        filters = width * 2**block
-        x = conv_bn_relu(x, filters, f"block{block + 1}", "1", pool=True)
-        x = conv_bn_relu(x, filters, f"block{block + 1}", "2")
-        if dropout:
-            x = keras.layers.Dropout(dropout, name=f"block{block + 1}_dropout")(x)
-    x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-    # Softmax in float32 even under mixed precision, for a stable loss.
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="classes"
-    )(x)
-    return keras.Model(inputs, outputs, name="scratch_cnn")
-
-
-def peak_learning_rate(learning_rate, total_steps, full_rate_steps):
-    """`learning_rate`, or a proportionally lower peak for a run of fewer than
-    `full_rate_steps` steps: a warm-up that short reaches a high rate before the
-    network has settled, and can blow the run up (0 = always `learning_rate`)."""
-    if not full_rate_steps:
-        return learning_rate
-    return learning_rate * min(1.0, total_steps / full_rate_steps)
-
-
-def make_optimizer(
-    name, learning_rate, momentum, weight_decay, warmup_steps, total_steps
-):
-    """SGD with Nesterov momentum or AdamW, under a linear warm-up then cosine decay.
-    The warm-up is capped at the run's length, so a short run still reaches the peak."""
-    warmup_steps = min(warmup_steps, total_steps)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        decay_steps=max(total_steps - warmup_steps, 1),
-        warmup_target=learning_rate,
-        warmup_steps=warmup_steps,
+def whitening_filters(images, epsilon, patch=2):
+    """2x2 filters that whiten the images' patches: the eigenvectors of the patches'
+    (uncentered) covariance, each divided by the square root of its eigenvalue plus
+    `epsilon`, and their negatives (so a ReLU-like activation keeps both signs).
+    `images`: float (N, H, W, C). Returns a Conv2D kernel (2, 2, C, 2 x 4C)."""
+    channels = images.shape[-1]
+    windows = np.lib.stride_tricks.sliding_window_view(
+        images, (patch, patch), axis=(1, 2)
     )
-    if name == "sgd":
-        return keras.optimizers.SGD(
-            schedule, momentum=momentum, nesterov=True, weight_decay=weight_decay
+    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, patch * patch * channels)
+    covariance = (patches.T @ patches) / len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance.astype(np.float64))
+    filters = eigenvectors[:, ::-1] / np.sqrt(eigenvalues[::-1] + epsilon)
+    kernel = filters.reshape(patch, patch, channels, -1)
+    return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def dirac_kernel(kernel):
+    """`kernel` (k, k, C_in, C_out) with its first C_in filters set to identities:
+    each passes its own input channel through, unchanged, at the start."""
+    kernel = np.array(kernel)
+    size, _, channels_in, channels_out = kernel.shape
+    count = min(channels_in, channels_out)
+    kernel[:, :, :, :count] = 0.0
+    kernel[size // 2, size // 2, np.arange(count), np.arange(count)] = 1.0
+    return kernel
+
+
+def build_model(
+    image_size, width, num_classes, mean, std, whitening=None, dirac=True,
+    batchnorm_momentum=0.6, bias_rate_factor=64.0, logit_scale=1 / 9, l2=0.0,
+):  # fmt: skip
+    """airbench94's network: 2x2 convolution (frozen `whitening` filters, or trained
+    when None) and GELU, three blocks of `width`, 4x and 4x filters (3x3 conv, 2x2
+    max-pool, BatchNorm, GELU, 3x3 conv, BatchNorm, GELU), global max pooling, a
+    linear layer without bias, logits times `logit_scale`, softmax. Inputs in [0, 1]
+    are standardised with the training images' `mean` and `std` per channel. BatchNorm
+    has no scale; its bias learns `bias_rate_factor` times faster. Kernels carry the
+    coupled L2 penalty `l2`."""
+    # PyTorch's default initialisation, as airbench has it: uniform within 1/sqrt(fan_in).
+    initializer = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+    penalty = keras.regularizers.L2(l2 / 2) if l2 else None  # d/dw of l2/2 w^2 = l2 w
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = keras.layers.Normalization(
+        mean=mean, variance=np.square(std), name="standardise"
+    )(inputs)
+    x = keras.layers.Conv2D(
+        24, 2, use_bias=False, trainable=whitening is None, kernel_regularizer=penalty,
+        kernel_initializer=initializer, name="whiten",
+    )(x)  # fmt: skip
+    x = training.Bias(name="whiten_bias", l2=l2)(x)
+    x = keras.layers.Activation("gelu", name="whiten_gelu")(x)
+    for block, filters in enumerate((width, 4 * width, 4 * width), start=1):
+        for conv in (1, 2):
+            x = keras.layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, kernel_regularizer=penalty,
+                kernel_initializer=initializer, name=f"block{block}_conv{conv}",
+            )(x)  # fmt: skip
+            if conv == 1:
+                x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
+            # BatchNorm in float32 under mixed precision; its bias is a Bias layer.
+            x = keras.layers.BatchNormalization(
+                momentum=batchnorm_momentum, epsilon=1e-12, center=False, scale=False,
+                dtype="float32", name=f"block{block}_bn{conv}",
+            )(x)  # fmt: skip
+            x = training.Bias(
+                rate_factor=bias_rate_factor, l2=l2, dtype="float32",
+                name=f"block{block}_bias{conv}",
+            )(x)  # fmt: skip
+            x = keras.layers.Activation("gelu", name=f"block{block}_gelu{conv}")(x)
+    x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+    x = keras.layers.Dense(
+        num_classes, use_bias=False, kernel_regularizer=penalty,
+        kernel_initializer=initializer, name="linear",
+    )(x)  # fmt: skip
+    x = keras.layers.Rescaling(logit_scale, dtype="float32", name="logit_scale")(x)
+    outputs = keras.layers.Softmax(dtype="float32", name="classes")(x)
+    model = keras.Model(inputs, outputs, name="scratch_cnn")
+    if whitening is not None:
+        model.get_layer("whiten").kernel.assign(whitening)
+    if dirac:
+        for layer in model.layers:
+            if layer.name.startswith("block") and "_conv" in layer.name:
+                layer.kernel.assign(dirac_kernel(layer.kernel.numpy()))
+    return model
+
+
+class Lookahead(keras.callbacks.Callback):
+    """airbench's lookahead: every `every` steps, a moving average of every weight
+    (BatchNorm statistics included) takes a step towards the weights, and the weights
+    are set to it. Its decay grows as (step / total)^3 to `decay`, so it starts as
+    plain training and ends averaging; the last step leaves the average in place."""
+
+    def __init__(self, total_steps, every=LOOKAHEAD_EVERY, decay=LOOKAHEAD_DECAY):
+        super().__init__()
+        self.total_steps, self.every, self.decay = total_steps, every, decay
+
+    def on_train_begin(self, logs=None):
+        self.average = [variable.numpy() for variable in self.model.weights]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every and step < self.total_steps:
+            return
+        decay = (
+            1.0
+            if step >= self.total_steps
+            else self.decay * (step / self.total_steps) ** 3
         )
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+        for average, variable in zip(self.average, self.model.weights):
+            average *= decay
+            average += (1 - decay) * variable.numpy()
+            variable.assign(average)
 
 
 def compiled_model(config, train_images, num_classes, steps_per_epoch):
     """The network compiled for a run of `config` over `steps_per_epoch` steps an
-    epoch (bench.py times what this returns)."""
-    total_steps = config["EPOCHS"] * steps_per_epoch
-    peak_rate = peak_learning_rate(
-        config["LEARNING_RATE"], total_steps, config["FULL_RATE_STEPS"]
+    epoch; `train_images` (uint8) give the standardisation and whitening filters
+    (bench.py times what this returns)."""
+    sample = np.random.default_rng(config["SEED"]).permutation(len(train_images))
+    sample = train_images[sample[: config["WHITEN_IMAGES"]]].astype(np.float32) / 255
+    mean, std = sample.mean(axis=(0, 1, 2)), sample.std(axis=(0, 1, 2)) + 1e-6
+    whitening = (
+        whitening_filters((sample - mean) / std, config["WHITEN_EPSILON"])
+        if config["WHITEN"]
+        else None
     )
     model = build_model(
-        config["IMG_SIZE"],
-        config["STEM_WIDTH"],
-        config["WIDTH"],
-        config["DROPOUT"],
-        config["BATCHNORM_MOMENTUM"],
-        num_classes=num_classes,
-    )
+        config["IMG_SIZE"], config["WIDTH"], num_classes, mean, std, whitening,
+        config["DIRAC_INIT"], config["BATCHNORM_MOMENTUM"], config["BIAS_RATE_FACTOR"],
+        config["LOGIT_SCALE"], config["L2"],
+    )  # fmt: skip
+    total_steps = config["EPOCHS"] * steps_per_epoch
+    schedule = training.WarmupThenDecay(
+        config["LEARNING_RATE"] * config["BATCH_SIZE"] / 1024,
+        warmup_steps=round(config["WARMUP_FRACTION"] * total_steps),
+        total_steps=total_steps, start=config["START_RATE"], end=config["END_RATE"],
+        decay="linear",
+    )  # fmt: skip
+    optimizer = keras.optimizers.SGD(schedule, momentum=config["MOMENTUM"], nesterov=True)
     training.compile_model(
-        model,
-        make_optimizer(
-            config["OPTIMIZER"],
-            peak_rate,
-            config["MOMENTUM"],
-            config["WEIGHT_DECAY"],
-            warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
-            total_steps=total_steps,
-        ),
-        config["LABEL_SMOOTHING"],
-        config["JIT_COMPILE"],
+        model, optimizer, config["LABEL_SMOOTHING"], config["JIT_COMPILE"]
     )
     return model
 
@@ -192,12 +257,10 @@ def main(argv):
     strategy = training.distribution_strategy()  # before any tensor exists
     training.seed_everything(config["SEED"])
     precision = training.set_precision(config["MIXED_PRECISION"], strategy)
-    config["BATCH_SIZE"] = training.global_batch_size(
-        config["BATCH_SIZE"], strategy.num_replicas_in_sync
-    )
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
-    pipelines = data.pipelines_for(config, VALUE_RANGE)
+    pipelines = data.pipelines_for(config, VALUE_RANGE, strategy.num_replicas_in_sync)
+    config["BATCH_SIZE"] = pipelines.batch_size
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
@@ -207,41 +270,29 @@ def main(argv):
             pipelines.steps_per_epoch,
         )  # fmt: skip
     total_steps = config["EPOCHS"] * pipelines.steps_per_epoch
-    peak_rate = peak_learning_rate(
-        config["LEARNING_RATE"], total_steps, config["FULL_RATE_STEPS"]
-    )
     print(
         f"model: {model.name}, {model.count_params():,} parameters, "
-        f"{strategy.num_replicas_in_sync} replica(s); "
-        f"peak learning rate {peak_rate:.3g} over {total_steps:,} steps"
+        f"{strategy.num_replicas_in_sync} replica(s), batch {config['BATCH_SIZE']}, "
+        f"{total_steps:,} steps"
     )
 
     # Train
     if run_dir is None:
         run_dir = training.new_run_dir(config["OUT_DIR"], SCRIPT)
         training.save_run_config(
-            run_dir,
-            SCRIPT,
-            config,
-            pipelines.source,
-            value_range=VALUE_RANGE,
-            class_names=list(pipelines.class_names),
-            peak_learning_rate=peak_rate,
-            precision=precision,
-        )
+            run_dir, SCRIPT, config, pipelines.source, value_range=VALUE_RANGE,
+            class_names=list(pipelines.class_names), precision=precision,
+        )  # fmt: skip
     print(f"run folder: {run_dir}")
     training.fit(
         model, pipelines, run_dir, phase="train", epochs=config["EPOCHS"],
         early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], verbose=config["VERBOSE"],
+        callbacks=[Lookahead(total_steps)] if config["LOOKAHEAD"] else [],
     )  # fmt: skip
 
     # Save/Report
     training.finish(
-        run_dir,
-        model,
-        pipelines.test,
-        label_smoothing=config["LABEL_SMOOTHING"],
-        tta=config["TTA"],
+        run_dir, model, pipelines.test, config["LABEL_SMOOTHING"], config["TTA"]
     )
     return run_dir
 

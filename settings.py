@@ -100,7 +100,9 @@ def split_arguments(argv, booleans=()):
         arg = argv[index]
         index += 1
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"expected --name=value, --name value or --flag, got {arg!r}")
+            raise ConfigError(
+                f"expected --name=value, --name value or --flag, got {arg!r}"
+            )
         flag, has_value, text = arg[2:].partition("=")
         flag = flag.replace("-", "_").lower()
         following = argv[index] if index < len(argv) else None
@@ -110,7 +112,9 @@ def split_arguments(argv, booleans=()):
                 text, index = following, index + 1
         elif not has_value:
             if following is None or following.startswith("--"):
-                raise ConfigError(f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE")
+                raise ConfigError(
+                    f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE"
+                )
             text, index = following, index + 1
         pairs.append((flag, text))
     return pairs
@@ -196,7 +200,9 @@ def read_script(path):
         if token.type == tokenize.COMMENT
     ]
     comments = {token.start[0]: token.string.lstrip("#").strip() for token in tokens}
-    alone = {token.start[0] for token in tokens if not token.line[: token.start[1]].strip()}
+    alone = {
+        token.start[0] for token in tokens if not token.line[: token.start[1]].strip()
+    }
     found, constants, check, complete, in_block = {}, {}, None, True, True
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == "check_config":
@@ -243,7 +249,9 @@ def _literal(node, folder):
         and isinstance(node.slice, ast.Constant)
     ):
         other = folder / f"{node.value.value.id}.py"
-        setting = read_script(other).settings.get(node.slice.value) if other.is_file() else None
+        setting = (
+            read_script(other).settings.get(node.slice.value) if other.is_file() else None
+        )
         if setting is None:
             raise ValueError("not a setting of a sibling script")
         return setting.default
@@ -264,7 +272,8 @@ def help_text(path, usage="[--name=value | --name value | --flag] ..."):
         lines.append(line)
     lines += ["", f"settings (the config block of {program}; a bare --flag sets True):"]
     flags = {
-        name: f"--{name.lower()}=" + (f'"{s.default}"' if isinstance(s.default, str) else repr(s.default))
+        name: f"--{name.lower()}="
+        + (f'"{s.default}"' if isinstance(s.default, str) else repr(s.default))
         for name, s in script.settings.items()
     }
     width = min(max(map(len, flags.values()), default=0), 36)
@@ -292,7 +301,9 @@ def check_command_line(name, path, argv=None):
     config = {}
     if script.complete:  # else main() checks it all, once TensorFlow is loaded
         try:
-            defaults = {name: setting.default for name, setting in script.settings.items()}
+            defaults = {
+                name: setting.default for name, setting in script.settings.items()
+            }
             config = parse_overrides(defaults, argv)
             if script.check is not None:
                 try:
@@ -321,10 +332,10 @@ NO_CUDA_DRIVER = b"Could not find cuda drivers on your machine"
 CUDA_INIT_FAILED = b"failed call to cuInit"
 
 
-def forward_messages(source, sink):
+def forward_messages(source, sink, drop=()):
     """Copy the lines of `source` to `sink` (binary files) less the start-up notices:
-    absl's INFO lines, its notice about them, and a failed CUDA initialisation on a
-    machine with no CUDA driver to initialise."""
+    absl's INFO lines, its notice about them, a failed CUDA initialisation on a machine
+    with no CUDA driver to initialise, and lines holding any of `drop` (bytes)."""
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
@@ -333,6 +344,7 @@ def forward_messages(source, sink):
             line.startswith(STARTUP_NOTICES)
             or (match and match.group(1) == b"I")
             or (no_cuda_driver and CUDA_INIT_FAILED in line)
+            or any(text in line for text in drop)
         ):
             continue
         sink.write(line)
@@ -355,15 +367,17 @@ def import_tensorflow_quietly(show_everything=False):
     quietly(work)
 
 
-def quietly(work):
-    """Run `work()` with file descriptor 2 passed through forward_messages."""
+def quietly(work, drop=()):
+    """Run `work()` with file descriptor 2 passed through forward_messages (which also
+    drops the lines holding any of `drop`, bytes)."""
     sys.stderr.flush()
     read_end, write_end = os.pipe()
     command = [
         sys.executable, "-S", "-c",
-        "import sys; sys.path.insert(0, sys.argv[1]); import settings; "
-        "settings.forward_messages(sys.stdin.buffer, sys.stderr.buffer)",
+        "import sys; sys.path.insert(0, sys.argv[1]); import settings; settings."
+        "forward_messages(sys.stdin.buffer, sys.stderr.buffer, [a.encode() for a in sys.argv[2:]])",
         str(Path(__file__).resolve().parent),
+        *(text.decode() for text in drop),
     ]  # fmt: skip
     forwarder = subprocess.Popen(command, stdin=read_end)
     os.close(read_end)
@@ -411,7 +425,9 @@ def read_json(path):
 def markdown_table(header, rows):
     """A GitHub Markdown table; cells are shown with str()."""
     lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+    return "\n".join(
+        "| " + " | ".join(str(cell) for cell in line) + " |" for line in lines
+    )
 
 
 def cpu_name():
@@ -447,7 +463,8 @@ def list_runs(out_dir, script, finished):
         (
             path
             for path in parent.iterdir()
-            if (path / "config.json").is_file() and (path / "metrics.json").is_file() == finished
+            if (path / "config.json").is_file()
+            and (path / "metrics.json").is_file() == finished
         ),
         key=lambda path: path.name,
     )

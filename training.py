@@ -1,14 +1,11 @@
-"""Plumbing the scripts share: the effective configuration and exit codes (the
-command line itself is settings.py's), run folders, seeding, distribution (several
-GPUs or several workers), and the Keras callbacks that train, checkpoint, log and
-resume a run.
+"""The plumbing both training scripts share: the effective configuration and exit codes,
+run folders and resume, seeding, devices and precision, the learning-rate schedule, and
+the Keras callbacks that checkpoint, log, guard and back up a run, then its evaluation.
 
 Nothing here holds a hyperparameter: each script's config block does.
 """
 
 import atexit
-import csv
-import io
 import json
 import os
 import platform
@@ -24,35 +21,27 @@ from pathlib import Path
 import h5py
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 import settings
 
 # ---------------------------------------------------------------------------------
-# Configuration: the UPPER_CASE block at the top of a script, overridden per run
+# Configuration and the command line
 
 
 def configure(defaults, argv, verbose=True):
-    """A script's effective configuration: its config block with `argv` applied.
-    Prints it, one setting a line, marking the overridden ones."""
+    """A script's effective configuration: its config block with `argv` applied,
+    printed a setting a line (the overridden ones marked) when `verbose`."""
     config = settings.parse_overrides(defaults, argv)
     if verbose:
-        print_config(config, defaults)
+        settings.print_config(config, defaults)
     return config
 
 
-def print_config(config, defaults=None):
-    width = max(len(name) for name in config)
-    for name, value in config.items():
-        changed = defaults is not None and defaults.get(name) != value
-        print(f"  {name.lower():<{width}} = {value!r}{'  (set)' if changed else ''}")
-
-
 def cli(main):
-    """Run `main(argv)` as a command: expected failures become one plain line on
-    stderr and the documented exit code, never a traceback. SIGTERM (`kill`, a
-    scheduler's or `timeout`'s stop) stops the way Ctrl-C does."""
-    program = Path(sys.argv[0]).name
+    """Run `main(argv)` as a command: an expected failure is one line on stderr and
+    the documented exit code, never a traceback; SIGTERM stops as Ctrl-C does."""
     signal.signal(signal.SIGTERM, settings.stop_as_ctrl_c)
     try:
         main(sys.argv[1:])
@@ -61,18 +50,19 @@ def cli(main):
     except settings.DataError as error:
         settings.fail(error, settings.EXIT_DATA)
     except (settings.Interrupted, KeyboardInterrupt) as error:
-        print(f"{program}: {error or 'interrupted'}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: {error or 'interrupted'}", file=sys.stderr)
         sys.exit(settings.EXIT_INTERRUPTED)
 
 
 # ---------------------------------------------------------------------------------
-# Run folders: OUT_DIR/<script>/<timestamp>/, never reused
+# Run folders: OUT_DIR/<script>/<timestamp>/, never reused, resumable
+
+MAY_CHANGE_ON_RESUME = ("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")  # where, how loud
 
 
 def new_run_dir(out_dir, script):
-    """Create and return a fresh run folder; an existing one is never reused. In a
-    multi-worker run only the chief writes the run folder; every other worker gets
-    a throwaway one, removed when it exits."""
+    """A fresh run folder, never an existing one. In a multi-worker run only the chief
+    writes it; another worker gets a throwaway folder, removed when it exits."""
     if not cluster_task()[1]:
         return worker_dir(script)
     parent = Path(out_dir) / script
@@ -89,9 +79,8 @@ def new_run_dir(out_dir, script):
 
 
 def worker_dir(script, copy_of=None):
-    """A temporary folder for a worker that is not the chief (a copy of the run
-    folder `copy_of`, when resuming), removed when the process exits. Keras's
-    callbacks write on every worker; this keeps their files off the chief's."""
+    """A temporary folder for a worker that is not the chief (a copy of `copy_of` when
+    resuming), removed at exit: Keras's callbacks write on every worker."""
     folder = Path(tempfile.mkdtemp(prefix=f"{script}-worker-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     if copy_of is not None:
@@ -99,35 +88,65 @@ def worker_dir(script, copy_of=None):
     return folder
 
 
+def configure_run(defaults, argv, script):
+    """(config, run_dir): the configuration with `argv` applied and, with --resume,
+    the run folder to go on with and its saved settings (only where things are and
+    how much to print may change); run_dir is None for a new run."""
+    config = configure(defaults, argv, verbose=False)
+    if not config["RESUME"]:
+        settings.print_config(config, defaults)
+        return config, None
+    run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
+    changed = [
+        name
+        for name in config
+        if name not in MAY_CHANGE_ON_RESUME and config[name] != defaults[name]
+    ]
+    settings.require(
+        not changed,
+        f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
+    )
+    saved = settings.read_json(run_dir / "config.json")["config"]
+    given = {
+        name: config[name]
+        for name in MAY_CHANGE_ON_RESUME
+        if config[name] != defaults[name]
+    }
+    config = {**defaults, **saved, **given, "RESUME": config["RESUME"]}
+    print(f"resuming {run_dir} with its saved settings:")
+    settings.print_config(config, defaults)
+    if not cluster_task()[1]:  # a worker goes on from a copy; the chief writes
+        run_dir = worker_dir(script, copy_of=run_dir)
+    return config, run_dir
+
+
 def run_to_resume(resume, out_dir, script):
-    """The run folder that `--resume` names: a path, or "last" for the newest
-    unfinished run of `script`. Checked before any work: a run of another script,
-    a damaged config.json, a truncated model.keras or a damaged or NaN backup stops
-    with exit 3 naming the file, and the folder is left as it is."""
+    """The run folder --resume names: a path, or "last" for the newest unfinished run
+    of `script`, checked before any work (check_resumable)."""
     if resume == "last":
         unfinished = settings.list_runs(out_dir, script, finished=False)
-        if not unfinished:
-            raise settings.ConfigError(
-                f"--resume=last: no unfinished run in {Path(out_dir) / script}"
-            )
+        settings.require(
+            unfinished, f"--resume=last: no unfinished run in {Path(out_dir) / script}"
+        )
         run_dir = unfinished[-1]
     else:
         run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file():
-            raise settings.ConfigError(
-                f"--resume={resume}: not a run folder (no config.json in it)"
-            )
-        if (run_dir / "metrics.json").is_file():
-            raise settings.ConfigError(
-                f"--resume={resume}: that run has finished (metrics.json exists)"
-            )
+        settings.require(
+            (run_dir / "config.json").is_file(),
+            f"--resume={resume}: not a run folder (no config.json in it)",
+        )
+        settings.require(
+            not (run_dir / "metrics.json").is_file(),
+            f"--resume={resume}: that run has finished (metrics.json exists)",
+        )
     check_resumable(run_dir, script)
     return run_dir
 
 
 def check_resumable(run_dir, script):
-    """Raise DataError naming the first file of `run_dir` that a resume of `script`
-    could not safely go on from."""
+    """Raise DataError (exit 3) naming the first file of `run_dir` that a resume of
+    `script` could not safely go on from: a run of another script, a damaged
+    config.json, a truncated model.keras, a damaged or NaN backup."""
     cannot = "this run cannot be resumed; start a new one"
     path = run_dir / "config.json"
     try:
@@ -170,61 +189,25 @@ def check_resumable(run_dir, script):
 
 
 def weights_file_is_finite(path):
-    """True if every floating-point array in the .weights.h5 file at `path` is
-    finite, False if one is not, None if the file cannot be read."""
+    """True if every float array in the .weights.h5 file is finite, False if one is
+    not, None if the file cannot be read."""
     arrays = []
     try:
         with h5py.File(path, "r") as file:
             file.visititems(
-                lambda name, item: arrays.append(item[()])
-                if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
-                else None
+                lambda name, item: (
+                    arrays.append(item[()])
+                    if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
+                    else None
+                )
             )
     except (OSError, ValueError, KeyError):
         return None
     return all(np.isfinite(array).all() for array in arrays)
 
 
-def resumed_config(
-    run_dir, config, defaults, may_change=("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")
-):
-    """The saved configuration of `run_dir`, so a resumed run ends as it began.
-    Only the settings in `may_change` (where things are, how much to print) may
-    be overridden on resume."""
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
-    changed = [
-        name
-        for name in config
-        if name not in may_change and config[name] != defaults[name]
-    ]
-    settings.require(
-        not changed,
-        f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
-    )
-    given = {name: config[name] for name in may_change if config[name] != defaults[name]}
-    return {**saved, **given, "RESUME": config["RESUME"]}
-
-
-def configure_run(defaults, argv, script):
-    """(config, run_dir) for a training script: its configuration with `argv`
-    applied and, with --resume, the saved configuration of the run folder to go
-    on with; run_dir is None for a new run, made once the data and model are ready.
-    Prints the settings that apply: on a resume, the run's saved ones."""
-    config = configure(defaults, argv, verbose=False)
-    if not config["RESUME"]:
-        print_config(config, defaults)
-        return config, None
-    run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
-    config = resumed_config(run_dir, config, defaults)
-    print(f"resuming {run_dir} with its saved settings:")
-    print_config(config, defaults)
-    if not cluster_task()[1]:  # a worker goes on from a copy; the chief writes
-        run_dir = worker_dir(script, copy_of=run_dir)
-    return config, run_dir
-
-
 def save_run_config(run_dir, script, config, data_source, **extra):
-    """config.json: the effective configuration, what the data was, library versions,
+    """config.json: the effective configuration, the data, library versions, devices,
     and `extra` facts evaluate.py needs (e.g. the input range the model expects)."""
     settings.write_json(
         run_dir / "config.json",
@@ -245,7 +228,12 @@ def save_run_config(run_dir, script, config, data_source, **extra):
 
 
 # ---------------------------------------------------------------------------------
-# Set-up: seeds, devices, precision
+# Set-up: seeds, devices and precision
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and TensorFlow so a run can be repeated."""
+    keras.utils.set_random_seed(seed)
 
 
 def gpu_names():
@@ -256,23 +244,18 @@ def gpu_names():
     ]
 
 
-def seed_everything(seed):
-    """Seed Python, NumPy and TensorFlow so a run can be repeated."""
-    keras.utils.set_random_seed(seed)
-
-
 def cluster_task():
-    """(workers, chief) from TF_CONFIG: how many chief and worker tasks its cluster
-    names (0 without TF_CONFIG), and whether this process is the chief: the "chief"
-    task, else worker 0, as TensorFlow decides it."""
+    """(workers, chief): how many chief and worker tasks TF_CONFIG's cluster names (0
+    without TF_CONFIG), and whether this process is the chief (the "chief" task, else
+    worker 0, as TensorFlow decides it)."""
     try:
         tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
         cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
         workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
     except (ValueError, AttributeError, TypeError) as error:
         raise settings.ConfigError(
-            f"TF_CONFIG must be JSON with a cluster and a task, as the README's "
-            f"'Training on several machines' shows ({error})"
+            f"TF_CONFIG must be JSON with a cluster and a task, as docs/multi-worker.md "
+            f"shows ({error})"
         ) from None
     chief = task.get("type") == "chief" or (
         task.get("type") == "worker" and task.get("index") == 0 and "chief" not in cluster
@@ -283,32 +266,10 @@ def cluster_task():
 HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
 
 
-def allow_slow_heartbeats():
-    """Set up the coordination service as MultiWorkerMirroredStrategy would, with a
-    longer heartbeat timeout: with TensorFlow's 10 s, a worker slowed by other work
-    on its machine (or a long first step) is taken for dead and the run aborts."""
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.eager import context
-
-    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
-    jobs = [job for job in ("chief", "worker") if cluster.get(job)]
-    context.context().configure_coordination_service(
-        service_type="standalone",
-        service_leader=f"/job:{jobs[0]}/replica:0/task:0",
-        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_MS,
-        coordinated_jobs=[
-            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster[job]))
-            for job in jobs
-        ],
-    )
-
-
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """MultiWorkerMirroredStrategy as Keras 3's fit calls it (keras-team/keras#20585):
-    fit reduces its first (images, labels) batch in one call, which this strategy
-    cannot do for a nest, and each step's metrics, one scalar per replica, "over axis
-    0", which a scalar has not. Here a nest is reduced one tensor at a time, and
-    scalars over the replicas, as MirroredStrategy does it for fit."""
+    fit reduces a nest in one call and each step's scalar metrics "over axis 0"; here
+    a nest is reduced a tensor at a time, and scalars over the replicas."""
 
     def reduce(self, reduce_op, value, axis=None):
         def reduce_one(one):
@@ -323,11 +284,27 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
 def distribution_strategy():
     """MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
-    MirroredStrategy over all GPUs when there are several, else the default. Call it
-    first thing: a multi-worker strategy must exist before any tensor does."""
-    workers, _ = cluster_task()
-    if workers > 1:
-        allow_slow_heartbeats()
+    MirroredStrategy over several GPUs, else the default. Call it first thing: a
+    multi-worker strategy must exist before any tensor does."""
+    if cluster_task()[0] > 1:
+        # The coordination service as the strategy sets it up, with a longer heartbeat
+        # timeout: TensorFlow's 10 s takes a worker slowed by other work for dead.
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+
+        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+        jobs = [job for job in ("chief", "worker") if cluster.get(job)]
+        context.context().configure_coordination_service(
+            service_type="standalone",
+            service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+            heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_MS,
+            coordinated_jobs=[
+                coordination_config_pb2.CoordinatedJob(
+                    name=job, num_tasks=len(cluster[job])
+                )
+                for job in jobs
+            ],
+        )
         return MultiWorkerStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
@@ -336,12 +313,11 @@ def distribution_strategy():
 
 
 def precision_policy(mixed_precision, replicas, gpus, cpu_flags=()):
-    """The Keras dtype policy for MIXED_PRECISION ("off", "on" or "auto"): "on" is
-    mixed_float16 on one GPU and mixed_bfloat16 on several replicas or a CPU; "auto"
-    is "on" on GPUs and on a CPU with AMX (amx_bf16), where bfloat16 matrix units
-    pay, else float32. Keras 3.15.1's LossScaleOptimizer judges whether a step
-    overflowed from the first replica's gradients alone, so an overflow on another
-    GPU reaches the weights as inf; bfloat16 needs no loss scaling."""
+    """The Keras dtype policy for MIXED_PRECISION ("off", "on" or "auto"). "on" is
+    mixed_float16 on one GPU, else mixed_bfloat16; "auto" is "on" on GPUs and on CPUs
+    with AMX bfloat16 units (amx_bf16), float32 elsewhere. Several replicas take
+    bfloat16: Keras 3.15.1's LossScaleOptimizer judges an overflow from the first
+    replica's gradients alone, and bfloat16 needs no loss scaling."""
     if mixed_precision == "off" or (
         mixed_precision == "auto" and not gpus and "amx_bf16" not in cpu_flags
     ):
@@ -350,9 +326,8 @@ def precision_policy(mixed_precision, replicas, gpus, cpu_flags=()):
 
 
 def set_precision(mixed_precision, strategy):
-    """Set and return the global dtype policy (see precision_policy), once the
-    strategy exists and before the model is built. BatchNorm and the softmax
-    output keep float32 under either mixed policy, and so does the loss."""
+    """Set and return the global dtype policy, before the model is built. BatchNorm,
+    the softmax output and the loss stay float32 under either mixed policy."""
     policy = precision_policy(
         mixed_precision, strategy.num_replicas_in_sync,
         tf.config.list_logical_devices("GPU"), settings.cpu_flags(),
@@ -363,68 +338,88 @@ def set_precision(mixed_precision, strategy):
     return policy
 
 
+# ---------------------------------------------------------------------------------
+# Model pieces both scripts use: the schedule, a fast-learning bias, compilation
+
+
+@keras.saving.register_keras_serializable(package="training")
 class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
     """A linear warm-up from `start` x `peak` to `peak` over `warmup_steps`, then a
     cosine or linear decay to `end` x `peak` at `total_steps`."""
 
-    def __init__(self, peak, warmup_steps, total_steps, start=0.0, end=0.0, decay="cosine"):
+    def __init__(
+        self, peak, warmup_steps, total_steps, start=0.0, end=0.0, decay="cosine"
+    ):
         self.peak, self.start, self.end, self.decay = peak, start, end, decay
-        self.warmup_steps = min(warmup_steps, total_steps)
-        self.total_steps = total_steps
+        self.warmup_steps, self.total_steps = min(warmup_steps, total_steps), total_steps
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        warmup = keras.ops.maximum(float(self.warmup_steps), 1.0)
-        rising = self.start + (1 - self.start) * step / warmup
-        progress = keras.ops.clip(
-            (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1
+        rising = self.start + (1 - self.start) * step / max(self.warmup_steps, 1)
+        progress = (step - self.warmup_steps) / max(
+            self.total_steps - self.warmup_steps, 1
         )
+        progress = keras.ops.clip(progress, 0.0, 1.0)
         if self.decay == "cosine":
-            falling = self.end + (1 - self.end) * 0.5 * (1 + keras.ops.cos(np.pi * progress))
+            falling = 0.5 * (1 + keras.ops.cos(np.pi * progress))
         else:
-            falling = self.end + (1 - self.end) * (1 - progress)
+            falling = 1 - progress
+        falling = self.end + (1 - self.end) * falling
         return self.peak * keras.ops.where(step < self.warmup_steps, rising, falling)
 
     def get_config(self):
-        return {
-            "peak": self.peak, "warmup_steps": self.warmup_steps,
-            "total_steps": self.total_steps, "start": self.start, "end": self.end,
-            "decay": self.decay,
-        }  # fmt: skip
+        names = ("peak", "warmup_steps", "total_steps", "start", "end", "decay")
+        return {name: getattr(self, name) for name in names}
 
 
-def global_batch_size(batch_size, replicas):
-    """BATCH_SIZE, the global batch, rounded to the nearest multiple of `replicas`
-    (at least one image each) so every step splits evenly; says so when it
-    changes. A batch size of 0 or less is returned as it is, for data.py to refuse."""
-    if batch_size <= 0 or batch_size % replicas == 0:
-        return batch_size
-    rounded = max(round(batch_size / replicas), 1) * replicas
-    print(
-        f"  batch_size = {rounded}  (rounded from {batch_size} to a multiple of "
-        f"{replicas} replicas: {rounded // replicas} images each)"
-    )
-    return rounded
+@keras.saving.register_keras_serializable(package="training")
+class Bias(keras.layers.Layer):
+    """x + bias, one per channel, with a coupled L2 penalty `l2` (its gradient adds
+    l2 x bias). The data's gradient reaches the bias `rate_factor` times larger, which
+    under SGD with momentum is exactly a learning rate that many times higher."""
 
+    def __init__(self, rate_factor=1.0, l2=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rate_factor, self.l2 = rate_factor, l2
 
-# ---------------------------------------------------------------------------------
-# Training: Keras callbacks for checkpoint, history, divergence and resume
+    def build(self, input_shape):
+        self.bias = self.add_weight(
+            shape=(input_shape[-1],), initializer="zeros", name="bias",
+            regularizer=keras.regularizers.L2(self.l2 / 2) if self.l2 else None,
+        )  # fmt: skip
+
+    def call(self, x):
+        scaled = (
+            self.bias * self.rate_factor
+        )  # the value is the bias, its gradient scaled
+        bias = scaled - keras.ops.stop_gradient(scaled - self.bias)
+        return x + keras.ops.cast(bias, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "rate_factor": self.rate_factor, "l2": self.l2}
 
 
 def compile_model(model, optimizer, label_smoothing, jit_compile):
-    """Compile for training on one-hot labels; a phase that changes what is
-    trainable must compile again."""
+    """Compile for one-hot labels; a phase that changes what is trainable compiles
+    again. The metric is an object and the optimizer is built here: Keras 3.15 would
+    create both inside the first trace of the train step, which TensorFlow then traces
+    a second time."""
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        # A metric object, not the string "accuracy", and the optimizer built
-        # here: Keras 3.15 (with no distribution strategy) creates both their
-        # variables inside the first trace of the train step, and TensorFlow then
-        # traces it a second time (MobileNetV2 on one CPU core: about 15 s a phase).
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
     model.optimizer.build(model.trainable_variables)
+
+
+def count_trainable(model):
+    """Parameters the optimizer updates."""
+    return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
+
+
+# ---------------------------------------------------------------------------------
+# Training: callbacks that checkpoint, log, guard and back up each epoch
 
 
 class Diverged(Exception):
@@ -435,21 +430,11 @@ class Diverged(Exception):
         self.epoch = epoch
 
 
-def count_trainable(model):
-    """Parameters the optimizer updates: those of the model's trainable weights."""
-    return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
-
-
-def all_finite(variables):
-    return all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in variables)
-
-
 class DivergenceGuard(keras.callbacks.Callback):
     """Raise Diverged at the first NaN or inf loss, and at an epoch's end whose
-    validation loss, weights or optimizer state are not finite. First in the list,
-    so a diverged epoch writes no checkpoint, history row or backup and the run
-    folder keeps its last finite state. (Keras 3.15.1's TerminateOnNaN only stops
-    after the epoch ends, and BackupAndRestore then saves the NaN weights.)"""
+    validation loss, weights or optimizer state are not finite. Before the callbacks
+    that write, so a diverged epoch writes nothing. (Keras 3.15.1's TerminateOnNaN
+    stops only once the epoch ends, and BackupAndRestore then saves NaN weights.)"""
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -460,35 +445,28 @@ class DivergenceGuard(keras.callbacks.Callback):
             raise Diverged(self.epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        losses = [(logs or {}).get(name) for name in ("loss", "val_loss")]
-        if not all_finite(
-            [loss for loss in losses if loss is not None]
-            + self.model.weights
-            + self.model.optimizer.variables
-        ):
+        values = [(logs or {}).get(name) for name in ("loss", "val_loss")]
+        arrays = [value for value in values if value is not None]
+        arrays += [v.numpy() for v in self.model.weights + self.model.optimizer.variables]
+        if not all(np.isfinite(array).all() for array in arrays):
             raise Diverged(epoch)
 
 
 class Checkpoint(keras.callbacks.ModelCheckpoint):
-    """model.keras, the best epoch by val_accuracy, written whole or not at all:
-    Keras 3.15.1 writes it in place, so a crash or Ctrl-C mid-write would leave a
-    truncated file where the best model was. Saved as model.partial.keras, then
-    renamed over it."""
+    """model.keras, the best epoch by val_accuracy, written whole or not at all (Keras
+    3.15.1 writes it in place, so a crash mid-write would leave a truncated file where
+    the best model was): saved as model.partial.keras, then renamed over it."""
 
     def __init__(self, path, best):
         self.path = Path(path)
         super().__init__(
-            str(self.path.with_suffix(".partial.keras")),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=best,
-        )
+            str(self.path.with_suffix(".partial.keras")), monitor="val_accuracy",
+            mode="max", save_best_only=True, initial_value_threshold=best,
+        )  # fmt: skip
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        # What a crash left half-written must never be renamed into place.
-        Path(self.filepath).unlink(missing_ok=True)
+        Path(self.filepath).unlink(missing_ok=True)  # a crash's half-written file
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
@@ -497,13 +475,11 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras's resume state (weights, optimizer state, epoch) in backup/<phase>,
-    written whole or not at all: Keras 3.15.1 writes latest.weights.h5 and
-    training_metadata.json in place, so a crash mid-write leaves a backup no
-    resume can load. Each is written under a temporary name and renamed, weights
-    first: a crash between the two renames repeats one epoch, no more. Last in
-    the list, so an epoch counts as done only once its checkpoint and history row
-    are on disk."""
+    """Keras's resume state (weights, optimizer state, epoch) in backup/<phase>, each
+    file written under a temporary name and renamed, weights first: Keras 3.15.1 writes
+    both in place (double_checkpoint only copies the last pair, and a half-written
+    training_metadata.json still stops the resume). Last in the callbacks, so an epoch
+    counts as done only once its checkpoint and history row are on disk."""
 
     def __init__(self, backup_dir):
         super().__init__(str(backup_dir), delete_checkpoint=False)
@@ -514,20 +490,15 @@ class Backup(keras.callbacks.BackupAndRestore):
         partial = weights.with_name("partial.weights.h5")
         self.model.save_weights(str(partial), overwrite=True)
         partial.replace(weights)
-        settings.write_json(self._training_metadata_path, {"epoch": epoch + 1, "batch": 0})
-
-
-def backed_up_epoch(backup_dir):
-    """The number of epochs the backup in `backup_dir` holds, None without one."""
-    path = Path(backup_dir) / "training_metadata.json"
-    return json.loads(path.read_text())["epoch"] if path.is_file() else None
+        settings.write_json(
+            self._training_metadata_path, {"epoch": epoch + 1, "batch": 0}
+        )
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras's early stopping on val_accuracy that survives a resume: Keras 3.15.1
-    resets the best value and the patience count in on_train_begin, so a resumed
-    run would wait `patience` epochs afresh. This one replays `earlier_rows`, the
-    phase's epochs already in history.csv, whenever training begins."""
+    """Early stopping on val_accuracy that survives a resume: Keras 3.15.1 resets its
+    best value and patience in on_train_begin, so this replays `earlier_rows`, the
+    phase's epochs already in history.csv."""
 
     def __init__(self, patience, earlier_rows):
         super().__init__(monitor="val_accuracy", mode="max", patience=patience)
@@ -540,13 +511,12 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class History(keras.callbacks.CSVLogger):
-    """history.csv, one row per epoch written as it ends, with the training phase,
-    the epoch's wall time and its training throughput (validation excluded)."""
+    """history.csv, one row per epoch written as it ends, with the training phase, the
+    epoch's wall time and its training throughput (validation excluded)."""
 
     def __init__(self, filename, phase, images_per_epoch):
         super().__init__(str(filename), append=True)
-        self.phase = phase
-        self.images_per_epoch = images_per_epoch
+        self.phase, self.images_per_epoch = phase, images_per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = self.validation_start = time.perf_counter()
@@ -568,72 +538,49 @@ class History(keras.callbacks.CSVLogger):
         super().on_epoch_end(epoch, logs)
 
 
+def history_frame(run_dir):
+    """history.csv as a DataFrame, without a row a crash cut short; empty before epoch 1."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file() or not path.stat().st_size:
+        return pd.DataFrame()
+    return pd.read_csv(path, on_bad_lines="skip").dropna()
+
+
 def read_history(run_dir):
-    """history.csv as a list of dicts with numbers parsed; empty before epoch 1."""
-    path = Path(run_dir) / "history.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    return [
-        {key: _number(value) for key, value in row.items()}
-        for row in rows
-        if None not in row.values()  # a row a crash cut short
-    ]
-
-
-def _number(text):
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def drop_history_rows(run_dir, phase, start):
-    """Remove from history.csv the rows of `phase` from epoch `start` on, and any
-    half-written row: epochs the backup does not hold, which a resume repeats."""
-    path = Path(run_dir) / "history.csv"
-    if not path.is_file():
-        return
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        rows = list(reader)
-    kept = [
-        row
-        for row in rows
-        if None not in row.values()
-        and (row["phase"] != phase or _number(row["epoch"]) < start)
-    ]
-    if len(kept) < len(rows):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, reader.fieldnames)  # CSVLogger's dialect
-        writer.writeheader()
-        writer.writerows(kept)
-        settings.write_text(path, text.getvalue())
+    """history.csv as a list of dicts, numbers parsed."""
+    frame = history_frame(run_dir)
+    if "epoch" in frame:
+        frame["epoch"] = frame["epoch"].astype(int)
+    return frame.to_dict("records")
 
 
 def fit(
     model, pipelines, run_dir, *, phase, epochs, initial_epoch=0,
-    early_stopping_patience=0, verbose=1,
+    early_stopping_patience=0, verbose=1, callbacks=(),
 ):  # fmt: skip
-    """`model.fit` from epoch `initial_epoch` to `epochs` with the run's callbacks.
-    Safe to call again on the same run folder: it restores the last finished
-    epoch (weights and optimizer state) from `backup/<phase>`, drops history rows
-    the backup does not hold, and goes on to `epochs`; early stopping remembers
-    the phase's earlier epochs. Each epoch writes its checkpoint, then its history
-    row, then its backup, each file whole or not at all. Ctrl-C raises
-    `Interrupted` with the resume command; divergence raises ConfigError and
-    leaves the last finite state."""
+    """`model.fit` from epoch `initial_epoch` to `epochs` with the run's callbacks (and
+    `callbacks` first). Safe to call again on the same run folder: it restores the last
+    finished epoch from backup/<phase>, drops history rows the backup does not hold,
+    and goes on; early stopping remembers the phase's earlier epochs. Ctrl-C raises
+    Interrupted with the resume command; divergence a ConfigError, leaving the last
+    finite state."""
     run_dir = Path(run_dir)
     backup_dir = run_dir / "backup" / phase
-    start = backed_up_epoch(backup_dir) or initial_epoch
-    # model.keras may come from a row about to be dropped (the checkpoint is
-    # written before the row): a later epoch must beat that row too.
-    best = max((row["val_accuracy"] for row in read_history(run_dir)), default=None)
-    drop_history_rows(run_dir, phase, start)
+    metadata = backup_dir / "training_metadata.json"
+    start = (
+        json.loads(metadata.read_text())["epoch"] if metadata.is_file() else initial_epoch
+    )
+    history = history_frame(run_dir)
+    # model.keras may come from a row about to be dropped (it is written before the
+    # row): a later epoch must beat that row too.
+    best = float(history["val_accuracy"].max()) if len(history) else None
+    if len(history):  # drop the rows the backup does not hold, and any half-written one
+        kept = history[(history["phase"] != phase) | (history["epoch"] < start)]
+        rows = len((run_dir / "history.csv").read_text().splitlines()) - 1
+        if len(kept) < rows:
+            settings.write_text(run_dir / "history.csv", kept.to_csv(index=False))
     callbacks = [
+        *callbacks,
         DivergenceGuard(),
         Checkpoint(run_dir / "model.keras", best),
         History(run_dir / "history.csv", phase, pipelines.images_per_epoch),
@@ -645,27 +592,20 @@ def fit(
         stopper.on_train_begin()
         if stopper.stopped_epoch:
             print(
-                f"{phase}: early stopping ended this phase after epoch "
-                f"{stopper.stopped_epoch + 1}; nothing more to train"
+                f"{phase}: early stopping ended this phase after epoch {stopper.stopped_epoch + 1}"
             )
             return
         callbacks.append(stopper)
     callbacks.append(Backup(backup_dir))
-    # Keras 3.15.1: BackupAndRestore sets model._initial_epoch, nothing clears it
-    # and fit prefers it to `initial_epoch`, so a later phase without a backup of
-    # its own would start at the epoch the previous phase was restored to.
+    # Keras 3.15.1: BackupAndRestore sets model._initial_epoch and nothing clears it,
+    # so a later phase without a backup would start where the previous one was restored.
     model._initial_epoch = None
     try:
         model.fit(
-            pipelines.train,
-            validation_data=pipelines.validation,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=pipelines.fit_steps,
-            callbacks=callbacks,
-            shuffle=False,  # the tf.data pipeline shuffles
-            verbose=verbose,
-        )
+            pipelines.train, validation_data=pipelines.validation, epochs=epochs,
+            initial_epoch=initial_epoch, steps_per_epoch=pipelines.fit_steps,
+            callbacks=callbacks, shuffle=False, verbose=verbose,
+        )  # fmt: skip
     except KeyboardInterrupt:
         raise settings.Interrupted(
             f"interrupted; best checkpoint and history kept in {run_dir}. "
@@ -684,9 +624,14 @@ def fit(
         ) from None
 
 
+# ---------------------------------------------------------------------------------
+# Evaluation: the best checkpoint on the test set, with test-time augmentation
+
+TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
+
+
 def load_checkpoint(run_dir):
-    """A finished run's model.keras, for predictions (not compiled); a missing or
-    unreadable file is a settings.DataError naming it, in one line."""
+    """A finished run's model.keras, uncompiled; missing or unreadable is a DataError."""
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
         raise settings.DataError(f"{path}: missing; train that run again")
@@ -699,48 +644,47 @@ def load_checkpoint(run_dir):
         ) from None
 
 
-TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
-
-
 def predict_tta(model, dataset, tta="none"):
-    """({level: probabilities}, one-hot labels) over a whole (images, labels) dataset
+    """({level: probabilities}, one-hot labels) over a whole (images, labels) dataset,
     for each test-time augmentation level up to `tta`: "none", the images; "flip",
     the mean with their mirror images; "crops" (airbench's), half that and half the
-    mean of two 1-pixel shifts (reflect-padded, up-left and down-right), each mirrored
-    too. The model trained on flips and shifts, so every view is its own."""
+    mean of two 1-pixel shifts (reflect-padded, up-left and down-right), each mirrored.
+    The model trained on flips and shifts, so every view is one of its own."""
     images = dataset.map(lambda images, labels: images)
 
-    def mirrored(views):
-        plain = model.predict(views, verbose=0)
-        return (plain + model.predict(views.map(lambda x: tf.reverse(x, [2])), verbose=0)) / 2
+    def predict(views, mirror=False):
+        return model.predict(
+            views.map(lambda x: tf.reverse(x, [2])) if mirror else views, verbose=0
+        )
 
-    levels = {"none": model.predict(images, verbose=0)}
-    if tta in ("flip", "crops"):
-        levels["flip"] = (levels["none"] + model.predict(
-            images.map(lambda x: tf.reverse(x, [2])), verbose=0)) / 2  # fmt: skip
+    levels = {"none": predict(images)}
+    if tta != "none":
+        levels["flip"] = (levels["none"] + predict(images, mirror=True)) / 2
     if tta == "crops":
-        padded = images.map(lambda x: tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "REFLECT"))
-        shifts = [
-            mirrored(padded.map(lambda x: x[:, :-2, :-2])),
-            mirrored(padded.map(lambda x: x[:, 2:, 2:])),
+        padded = images.map(
+            lambda x: tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "REFLECT")
+        )
+        shifted = [
+            padded.map(lambda x: x[:, :-2, :-2]),
+            padded.map(lambda x: x[:, 2:, 2:]),
         ]
-        levels["crops"] = levels["flip"] / 2 + (shifts[0] + shifts[1]) / 4
+        views = [predict(view, mirror) for view in shifted for mirror in (False, True)]
+        levels["crops"] = levels["flip"] / 2 + sum(views) / 8
     labels = np.concatenate([labels.numpy() for _, labels in dataset])
     return levels, labels
 
 
 def predict_probabilities(model, dataset, tta="none"):
-    """(probabilities, one-hot labels) over a whole dataset, at test-time augmentation
-    level `tta` (see predict_tta)."""
+    """(probabilities, one-hot labels) at test-time augmentation level `tta`."""
     levels, labels = predict_tta(model, dataset, tta)
     return levels[tta], labels
 
 
 def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
     """Evaluate the best checkpoint once on the test set and write metrics.json, which
-    marks the run finished; the resume backup is then removed. test_accuracy is at
-    the run's `tta` level, and the accuracy at each lower level is kept beside it, so
-    runs of different settings can be compared alike."""
+    marks the run finished; the resume backup is then removed. test_accuracy is at the
+    run's `tta` level, and each lower level's accuracy is kept beside it, so runs of
+    different settings can be compared alike."""
     checkpoint = run_dir / "model.keras"
     if not checkpoint.is_file():
         model.save(checkpoint)
@@ -751,19 +695,17 @@ def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
         level: float(np.mean(probabilities.argmax(1) == labels.argmax(1)))
         for level, probabilities in levels.items()
     }
-    history_rows = read_history(run_dir)
+    history = history_frame(run_dir)
     metrics = {
         "test_accuracy": accuracy[tta],
         "test_loss": float(loss(labels, levels[tta])),
         "tta": tta,
         **{f"test_accuracy_tta_{level}": value for level, value in accuracy.items()},
-        "best_val_accuracy": max(row["val_accuracy"] for row in history_rows),
-        "epochs": len(history_rows),
-        "train_seconds": round(sum(row["epoch_seconds"] for row in history_rows), 1),
+        "best_val_accuracy": float(history["val_accuracy"].max()),
+        "epochs": len(history),
+        "train_seconds": round(float(history["epoch_seconds"].sum()), 1),
         # The median epoch, so the first epoch's graph tracing does not count.
-        "images_per_second": float(
-            np.median([row["images_per_second"] for row in history_rows])
-        ),
+        "images_per_second": float(history["images_per_second"].median()),
         "params": int(best.count_params()),
     }
     settings.write_json(run_dir / "metrics.json", metrics)
@@ -771,7 +713,7 @@ def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
     print(
         f"test accuracy {metrics['test_accuracy']:.4f} (test-time augmentation: {tta}), "
         f"test loss {metrics['test_loss']:.4f}, {metrics['epochs']} epochs in "
-        f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} "
-        f"images/s); run folder {run_dir}"
+        f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} images/s); "
+        f"run folder {run_dir}"
     )
     return metrics

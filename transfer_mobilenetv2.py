@@ -33,14 +33,16 @@ TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
 VAL_FRACTION = 0.1  # share of the training images held out for validation
 TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out to test
 IMG_SIZE = 96  # pixels: the side images are resized to (32 or more)
-BATCH_SIZE = 64  # images per step
-AUGMENT_FLIP = True  # random horizontal flips
+BATCH_SIZE = 64  # images per step; at most an eighth of the training images
+AUGMENT_FLIP = "random"  # horizontal flips: "random", "alternate" or "none"
 AUGMENT_TRANSLATE = 0.125  # random shifts with reflect padding, fraction of the side
 AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, fraction (0 = off)
 ALPHA = 1.0  # MobileNetV2's width multiplier; ImageNet weights: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4
-WEIGHTS = "imagenet"  # "imagenet" (Keras cache, else downloaded once), a file path, or "none"
+WEIGHTS = (
+    "imagenet"  # "imagenet" (Keras cache, else downloaded once), a file path, or "none"
+)
 DROPOUT = 0.2  # dropout rate before the classifier
 HEAD_EPOCHS = 3  # phase 1: epochs training the new head on the frozen base; 0 = skip
 HEAD_LR = 1e-3  # phase 1 learning rate, constant (AdamW)
@@ -71,8 +73,12 @@ SCRIPT = "transfer_mobilenetv2"
 VALUE_RANGE = (-1.0, 1.0)
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # widths Keras has weights for
 IMAGENET_SIZES = (224, 192, 160, 128, 96)  # pixels: sizes Keras has weights for
-IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-WEIGHTS_NAME = re.compile(r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_([\d.]+)_(\d+)")
+IMAGENET_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+)
+WEIGHTS_NAME = re.compile(
+    r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_([\d.]+)_(\d+)"
+)
 
 
 def check_config(config):
@@ -140,7 +146,9 @@ def resolve_weights(weights, alpha, image_size):
     models_dir = data.keras_home() / "models"
     size = image_size if image_size in IMAGENET_SIZES else 224
     names = [imagenet_weights_name(alpha, size)]
-    names += [imagenet_weights_name(alpha, other) for other in IMAGENET_SIZES if other != size]
+    names += [
+        imagenet_weights_name(alpha, other) for other in IMAGENET_SIZES if other != size
+    ]
     for name in names:
         if (models_dir / name).is_file():
             return str(models_dir / name)
@@ -183,7 +191,9 @@ def build_model(image_size, alpha, weights, dropout, num_classes=data.NUM_CLASSE
                 f"from such a base"
             ) from None
     for warning in caught:
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        warnings.warn_explicit(
+            warning.message, warning.category, warning.filename, warning.lineno
+        )
     # Pretrained: training=False states the intent; Keras <= 3.15 ignores it inside
     # fit, so freeze_base and unfreeze_for_fine_tuning freeze BatchNorm themselves.
     # Random: BatchNorm must learn its statistics, so it follows fit's mode.
@@ -230,7 +240,9 @@ def compile_phase(model, base, config, phase, steps_per_epoch):
     it: AdamW, constant for the head, else under a warm-up then cosine decay."""
     if phase == "head":
         freeze_base(base)
-        optimizer = keras.optimizers.AdamW(config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"])
+        optimizer = keras.optimizers.AdamW(
+            config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
+        )
     else:
         if phase == "fine_tune":
             unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
@@ -242,7 +254,9 @@ def compile_phase(model, base, config, phase, steps_per_epoch):
             total_steps=config["FINE_TUNE_EPOCHS"] * steps_per_epoch,
         )
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config["WEIGHT_DECAY"])
-    training.compile_model(model, optimizer, config["LABEL_SMOOTHING"], config["JIT_COMPILE"])
+    training.compile_model(
+        model, optimizer, config["LABEL_SMOOTHING"], config["JIT_COMPILE"]
+    )
 
 
 def compiled_model(config, train_images, num_classes, steps_per_epoch, weights=None):
@@ -268,7 +282,9 @@ def training_plan(config, base):
     phases = {"head": config["HEAD_EPOCHS"], "fine_tune": config["FINE_TUNE_EPOCHS"]}
     return {
         "phases": {phase: epochs for phase, epochs in phases.items() if epochs},
-        "frozen_first_layers": [layer.name for layer in base.layers[: config["FREEZE_FIRST"]]],
+        "frozen_first_layers": [
+            layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
+        ],
         "batchnorm": "from the weights, frozen",
     }
 
@@ -284,12 +300,10 @@ def main(argv):
     weights = resolve_weights(config["WEIGHTS"], config["ALPHA"], config["IMG_SIZE"])
     training.seed_everything(config["SEED"])
     precision = training.set_precision(config["MIXED_PRECISION"], strategy)
-    config["BATCH_SIZE"] = training.global_batch_size(
-        config["BATCH_SIZE"], strategy.num_replicas_in_sync
-    )
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
-    pipelines = data.pipelines_for(config, VALUE_RANGE)
+    pipelines = data.pipelines_for(config, VALUE_RANGE, strategy.num_replicas_in_sync)
+    config["BATCH_SIZE"] = pipelines.batch_size
     print(f"data: {pipelines.source}; images per split: {pipelines.sizes}")
 
     # Model
@@ -328,7 +342,9 @@ def main(argv):
     for phase, epochs in plan["phases"].items():
         with strategy.scope():
             compile_phase(model, base, config, phase, pipelines.steps_per_epoch)
-        print(f"{phase}: {epochs} epochs, {training.count_trainable(model):,} trainable parameters")
+        print(
+            f"{phase}: {epochs} epochs, {training.count_trainable(model):,} trainable parameters"
+        )
         # A resumed run restores a finished phase from its backup and trains no further.
         training.fit(
             model, pipelines, run_dir, phase=phase, epochs=done + epochs,
@@ -338,7 +354,9 @@ def main(argv):
         done += epochs
 
     # Save/Report
-    training.finish(run_dir, model, pipelines.test, config["LABEL_SMOOTHING"], config["TTA"])
+    training.finish(
+        run_dir, model, pipelines.test, config["LABEL_SMOOTHING"], config["TTA"]
+    )
     return run_dir
 
 

@@ -155,7 +155,7 @@ def own_stderr_lines(stderr):
 TINY_RUN = ["--batch_size=32", "--verbose=0"]
 # scratch_cnn.py runs of the tests whose point is that they learn: 36 steps would peak
 # at 0.007 (FULL_RATE_STEPS), too slow for the tiny data's few epochs.
-FULL_RATE = ["--full_rate_steps=0"]
+FULL_RATE = []
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,10 @@ from conftest import FULL_RATE, OFFLINE_ENV, REPO, TINY_RUN, run_script
 import bench
 import data
 import evaluate
+import export
 import scratch_cnn
 import settings
+import study
 import training
 import transfer_mobilenetv2
 
@@ -32,6 +34,8 @@ SCRIPTS = {
     "transfer_mobilenetv2.py": transfer_mobilenetv2,
     "evaluate.py": evaluate,
     "bench.py": bench,
+    "export.py": export,
+    "study.py": study,
 }
 
 # Runs a script as __main__ and reports on stderr, as it exits, whether TensorFlow
@@ -108,9 +112,12 @@ def test_help_lists_every_setting_with_its_default_and_comment(script, helps):
     assert not imported_tensorflow
     module = SCRIPTS[script]
     out = result.stdout
-    # The docstring's purpose and its usage lines come first.
+    # The docstring's purpose and its usage lines come first, each example command
+    # on a line of its own, as the docstring has it.
     assert module.__doc__.splitlines()[0] in out
-    assert f"    python {script}" in out
+    examples = [line for line in out.splitlines() if line.startswith("    python ")]
+    assert examples and all(line.count("python ") == 1 for line in examples)
+    assert all(line in module.__doc__.splitlines() for line in examples)
     comments = block_comments(module)
     help_lines = out.splitlines()
     for name, default in module.CONFIG.items():
@@ -174,13 +181,13 @@ def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
 # A bad command line: one line, exit 2, TensorFlow never imported
 
 BAD_COMMAND_LINES = [
-    ("scratch_cnn.py", ["--epochz=3"], "unknown setting --epochz (valid names: "),
-    ("scratch_cnn.py", ["--epochs=three"], "--epochs takes an int (default 8)"),
+    ("scratch_cnn.py", ["--epochz=3"], "unknown setting --epochz; did you mean --epochs?"),
+    ("scratch_cnn.py", ["--epochs=three"], "--epochs takes an int (default 10)"),
     ("scratch_cnn.py", ["epochs=3"], "expected --name=value"),
     ("scratch_cnn.py", ["--epochs"], "--epochs needs a value"),
-    ("scratch_cnn.py", ["--optimizer", "adam"], "--optimizer must be sgd or adamw"),
+    ("scratch_cnn.py", ["--augment_flip", "up"], "--augment_flip must be random, alternate"),
     ("scratch_cnn.py", ["--epochs", "0"], "--epochs must be positive"),
-    ("transfer_mobilenetv2.py", ["--img_size", "100"], "ImageNet weights exist only"),
+    ("transfer_mobilenetv2.py", ["--alpha", "0.3"], "ImageNet weights exist for alpha"),
     ("transfer_mobilenetv2.py", ["--head_epochs=0", "--fine_tune_epochs=0"], "nothing to train"),
     ("data.py", ["--val_fraction=1.5"], "--val_fraction must lie in (0, 1)"),
     ("evaluate.py", ["--dpi", "0"], "--dpi must be positive"),
@@ -212,10 +219,10 @@ def test_a_bad_command_line_is_one_line_and_exit_2_before_tensorflow(case, bad_r
 
 
 def test_the_same_checks_stop_main_when_it_is_called_in_process():
-    with pytest.raises(settings.ConfigError, match="--optimizer must be sgd or adamw"):
-        scratch_cnn.main(["--optimizer", "adam"])
-    with pytest.raises(settings.ConfigError, match="ImageNet weights exist only"):
-        transfer_mobilenetv2.main(["--img_size=100"])
+    with pytest.raises(settings.ConfigError, match="--augment_flip must be random"):
+        scratch_cnn.main(["--augment_flip", "up"])
+    with pytest.raises(settings.ConfigError, match="ImageNet weights exist for alpha"):
+        transfer_mobilenetv2.main(["--alpha=0.3"])
 
 
 def test_check_command_line_does_nothing_when_imported(monkeypatch):

@@ -1,5 +1,5 @@
-"""training.py's override helper (--name=value against a config block), the exit
-code of a bad command line, run folders that are never reused, and atomic JSON."""
+"""The override helper (--name=value against a config block), the exit code of a bad
+command line, run folders that are never reused, found by name, and atomic JSON."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -146,19 +146,12 @@ def test_configure_prints_every_setting_and_marks_overrides(capsys):
 # Overrides that stop the script
 
 
-def test_unknown_name_lists_the_valid_ones():
+def test_an_unknown_name_suggests_the_closest_ones():
     with pytest.raises(settings.ConfigError) as error:
         parse("--epoch=3")
-    message = str(error.value)
-    assert "unknown setting --epoch " in message
-    for name in (
-        "--epochs",
-        "--learning_rate",
-        "--augment_flip",
-        "--data_dir",
-        "--out_dir",
-    ):
-        assert name in message
+    assert "unknown setting --epoch; did you mean --epochs?" in str(error.value)
+    with pytest.raises(settings.ConfigError, match="--zzz; see --help"):
+        parse("--zzz=1")  # nothing close: no guess
     for not_a_setting in ("class_names", "lower_case", "mixed"):
         with pytest.raises(settings.ConfigError, match="unknown setting"):
             parse(f"--{not_a_setting}=1")
@@ -182,7 +175,8 @@ def test_wrong_type_is_a_config_error(arg, expected):
     flag, text = arg.split("=", 1)
     with pytest.raises(settings.ConfigError) as error:
         parse(arg)
-    assert f"{flag} takes {settings.article(expected)}" in str(error.value)
+    article = "an" if expected == "int" else "a"
+    assert f"{flag} takes {article} {expected}" in str(error.value)
     assert repr(text) in str(error.value)
 
 
@@ -224,7 +218,7 @@ def bad_command_lines():
 @pytest.mark.parametrize(
     "case, needles",
     [
-        ("unknown", ["unknown setting --data_dirr", "--data_dir,", "--plots_dir"]),
+        ("unknown", ["unknown setting --data_dirr; did you mean --data_dir?"]),
         ("wrong_type", ["--seed takes an int", "'abc'"]),
     ],
 )
@@ -271,15 +265,30 @@ def test_two_run_folders_in_the_same_second_differ(tmp_path):
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "metrics.json"
-    training.write_json(path, {"test_accuracy": 0.5, "where": tmp_path})
+    settings.write_json(path, {"test_accuracy": 0.5, "where": tmp_path})
     assert json.loads(path.read_text()) == {"test_accuracy": 0.5, "where": str(tmp_path)}
-    training.write_json(path, {"test_accuracy": 0.75})
+    settings.write_json(path, {"test_accuracy": 0.75})
     assert json.loads(path.read_text()) == {"test_accuracy": 0.75}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     # A payload that cannot be written leaves the earlier file whole, and no debris.
     circular = {}
     circular["self"] = circular
     with pytest.raises(ValueError):
-        training.write_json(path, circular)
+        settings.write_json(path, circular)
     assert json.loads(path.read_text()) == {"test_accuracy": 0.75}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_the_newest_run_is_the_newest_folder_name_whatever_was_written_last(tmp_path):
+    """export.py writes into an old run folder, which changes its modification time:
+    the newest run must still be the one started last."""
+    folders = []
+    for stamp in ("20250101-000000", "20250102-000000"):
+        folder = tmp_path / "scratch_cnn" / stamp
+        folder.mkdir(parents=True)
+        for name in ("config.json", "metrics.json"):
+            (folder / name).write_text("{}")
+        folders.append(folder)
+    (folders[0] / "export").mkdir()  # touched last
+    assert settings.list_runs(tmp_path, "scratch_cnn", finished=True) == folders
+    assert settings.list_runs(tmp_path, "scratch_cnn", finished=False) == []
