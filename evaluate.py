@@ -1,31 +1,25 @@
-"""Compare the finished runs of scratch_cnn.py and transfer_mobilenetv2.py on the
-CIFAR-10 test set: the report's accuracy, loss curves, confusion matrices and table,
-measured, with per-class accuracy, mistakes, calibration and inference speed added.
+"""Compare finished runs of scratch_cnn.py and transfer_mobilenetv2.py on their test set:
+accuracy, loss curves, confusion matrices and the report's table, measured, with
+per-class accuracy, mistakes, calibration and inference speed added.
 
-    python evaluate.py                                   # newest finished run of each
-    python evaluate.py --scratch_run=runs/scratch_cnn/20250101-120000   # a chosen run
-    python evaluate.py --data_dir=~/data --plots_dir=/tmp/plots   # test data, output
+    python evaluate.py                              # the newest finished run of each kind
+    python evaluate.py --runs=runs/scratch_cnn/A,runs/scratch_cnn/B   # chosen runs
+    python evaluate.py --data_dir=~/data --plots_dir=results --data_label="CIFAR-10"
 
-Writes into plots/: report.md (every figure and table on one page, ready to read on
-GitHub), comparison.md and comparison.csv (the report's table, measured), the figures
-that plots/README.md names, and per-model classification reports and confusion counts.
-Every setting of a model comes from its run's config.json; the test set is predicted
-once per model and those probabilities feed every figure and table. Inference times
-are measured on the machine that runs this script.
+A column per kind of model; runs that differ only in SEED share one (mean, Student-t
+interval, each seed); all are evaluated alike. report.md shows every figure and table.
 """
 
 import settings
 
 settings.check_command_line(__name__, __file__)  # --help, bad flags: before TF loads
 
-import csv
-import io
-import json
-import math
 import os
 import platform
+import re
 import shlex
 import time
+from collections import namedtuple
 from datetime import datetime
 from pathlib import Path
 
@@ -36,15 +30,12 @@ matplotlib.use("Agg")  # files only: never open a window
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 import tensorflow as tf
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import (
-    accuracy_score,
-    classification_report,
-    confusion_matrix,
-)
+from scipy import stats
+from sklearn.metrics import classification_report, confusion_matrix
 
 import data
 import training
@@ -53,8 +44,8 @@ import training
 # Config (python evaluate.py --name=value overrides any of these)
 
 OUT_DIR = "runs"  # where the training scripts leave runs: OUT_DIR/<script>/<timestamp>/
-SCRATCH_RUN = ""  # a finished scratch_cnn run folder; "" = the newest in OUT_DIR
-TRANSFER_RUN = ""  # a finished transfer_mobilenetv2 run folder; "" = the newest
+RUNS = ""  # finished run folders, comma-separated; "" = the newest finished run
+# of each kind (CNN from scratch, MobileNetV2 from ImageNet weights, random start, ...)
 DATA_DIR = ""  # CIFAR-10 or class folders for the test set; "" = each run's DATA_DIR
 PLOTS_DIR = "plots"  # figures, tables and report.md go here, replacing earlier ones
 DATA_LABEL = ""  # what the report calls the data, e.g. "CIFAR-10 (JPEG copy)"; "" = none
@@ -65,1095 +56,582 @@ CALIBRATION_BINS = 10  # equal-width confidence bins for ECE and reliability dia
 TOP_CONFUSED_PAIRS = 10  # (true, predicted) class pairs listed per model
 CONVERGED_FRACTION = 0.95  # converged = first epoch at this share of best val accuracy
 ACCURACY_TOLERANCE = 0.002  # warn when recomputed and recorded test accuracy differ more
+INTERVAL = 0.95  # confidence level of the Student-t interval over a column's seeds
 SEED = 0  # picks the random test images
 DPI = 110  # resolution of the saved figures, dots per inch
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
-SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in table order
-RUN_SETTING = {"scratch_cnn": "SCRATCH_RUN", "transfer_mobilenetv2": "TRANSFER_RUN"}
-COLOURS = {"scratch_cnn": "tab:blue", "transfer_mobilenetv2": "tab:orange"}
-HEATMAP_COLOURS = {"scratch_cnn": "Blues", "transfer_mobilenetv2": "Oranges"}
-MAX_ANNOTATED_CLASSES = 20  # confusion matrices of more classes leave cells unlabelled
-CAPTION_POINTS = 11  # height of a caption line under an image, in points
-PHASE_NAMES = {"train": "training", "head": "head training", "fine_tune": "fine-tuning"}
+SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts evaluated
+EXPECTED = {  # the kinds compared by default, and the command that makes each
+    "CNN from scratch": "python scratch_cnn.py",
+    "MobileNetV2, ImageNet weights": "python transfer_mobilenetv2.py",
+    "MobileNetV2, random start": "python transfer_mobilenetv2.py --weights=none",
+}
+NOT_COMPARED = ("SEED", "OUT_DIR", "RESUME", "VERBOSE", "DRY_RUN")  # seeds may differ
+FIGURE_TTA = "flip"  # the test-time augmentation of every figure, for every model
+SAVED = ("data_source", "weights_file", "value_range", "devices", "versions")  # shown
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:])/[\w.~-]+/[^\s,;()'\"`|]*")  # not /device:0
+TestSet = namedtuple("TestSet", "images labels source available class_names dataset")
 
 
 def check_config(config):
     """Checks of the settings alone: run before TensorFlow loads, and by main()."""
     for name in ("BATCH_SIZE", "CALIBRATION_BINS", "TOP_CONFUSED_PAIRS", "DPI"):
         settings.require(config[name] > 0, f"--{name.lower()} must be positive")
-    settings.require(
-        0 < config["CONVERGED_FRACTION"] <= 1, "--converged_fraction must lie in (0, 1]"
-    )
+    for name in ("CONVERGED_FRACTION", "INTERVAL"):
+        settings.require(0 < config[name] <= 1, f"--{name.lower()} must lie in (0, 1]")
 
 
 # ---------------------------------------------------------------------------------
-# Runs: find them, check them, read what training left in them
+# Runs: find them, read them, the seeds of one setting into one column
 
 
-def missing_run_hint(script, out_dir):
-    """One line saying that `script` has no finished run and which command makes one."""
-    command = f"python {script}.py"
-    if str(out_dir) != CONFIG["OUT_DIR"]:
-        command += f" --out_dir={out_dir}"
-    return f"no finished {script} run in {Path(out_dir)}/; make one with: {command}"
+def shown(path):
+    """A path as reports show it: relative, below the current folder; else its name."""
+    path = Path(path).expanduser()
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
 
 
-def check_run_folder(path, script):
-    """The run folder that --scratch_run or --transfer_run names, if it is a finished
-    run of `script`; else stop with exit code 2 and say what is wrong."""
-    flag = f"--{RUN_SETTING[script].lower()}={path}"
-    run_dir = Path(path).expanduser()
-    settings.require(
-        (run_dir / "config.json").is_file(),
-        f"{flag}: not a run folder (no config.json); runs are in "
-        f"OUT_DIR/{script}/<timestamp>/",
-    )
-    settings.require(
-        (run_dir / "metrics.json").is_file(),
-        f"{flag}: that run has not finished (no metrics.json); finish it with: "
-        f"python {script}.py --resume={run_dir}",
-    )
-    made_by = read_json(run_dir / "config.json").get("script")
-    if made_by in RUN_SETTING and made_by != script:
-        raise settings.ConfigError(
-            f"{flag}: that is a {made_by} run; pass it as "
-            f"--{RUN_SETTING[made_by].lower()}={path}"
-        )
-    return run_dir
+def without_paths(text, *known):
+    """`text` with each absolute path, and each `known` one (spaces and all), shown."""
+    for path in known:
+        text = str(text).replace(str(path), shown(path))
+    return ABSOLUTE_PATH.sub(lambda match: shown(match.group()), str(text))
 
 
 def find_runs(out_dir, chosen):
-    """({script: run folder}, [hint lines]): the folder `chosen[script]` names, else
-    the newest finished run in `out_dir`; a hint line for each script with neither.
-    No run at all stops with exit code 3."""
-    runs, hints = {}, []
+    """([run folders], [hints]): those `chosen` names (comma-separated), else the
+    newest finished run of each kind in `out_dir` by name, and a hint per missing kind."""
+    if chosen:
+        paths = [path.strip() for path in chosen.split(",") if path.strip()]
+        return [settings.finished_run(path, f"--runs={path}") for path in paths], []
+    newest = {}
     for script in SCRIPTS:
-        if chosen.get(script):
-            runs[script] = check_run_folder(chosen[script], script)
-            continue
-        finished = training.list_runs(out_dir, script, finished=True)
-        if finished:
-            runs[script] = finished[-1]
-        else:
-            hints.append(missing_run_hint(script, out_dir))
-    if not runs:
-        flag = "" if str(out_dir) == CONFIG["OUT_DIR"] else f" --out_dir={out_dir}"
+        for run_dir in settings.list_runs(out_dir, script, finished=True):  # oldest first
+            config = settings.read_json(run_dir / "config.json").get("config", {})
+            newest[settings.model_name(script, config)] = run_dir
+    flag = "" if str(out_dir) == CONFIG["OUT_DIR"] else f" --out_dir={out_dir}"
+    where = f"in {Path(out_dir)}/"
+    if not newest:
+        commands = ", ".join(command + flag for command in EXPECTED.values())
+        raise settings.DataError(f"no finished runs {where}; make them with: {commands}")
+    hints = [f'no finished run of "{kind}" {where}; make one with: {command}{flag}'
+             for kind, command in EXPECTED.items() if kind not in newest]  # fmt: skip
+    order = [*EXPECTED, *sorted(newest)]  # the expected kinds first
+    return [newest[kind] for kind in sorted(newest, key=order.index)], hints
+
+
+def read_run(run_dir):
+    """What training left in `run_dir`: config.json, metrics.json and history.csv."""
+    saved = settings.read_json(run_dir / "config.json")
+    history = pd.DataFrame(training.read_history(run_dir))
+    usable = "value_range" in saved and "IMG_SIZE" in saved.get("config", {})
+    if saved.get("script") not in SCRIPTS or not usable or history.empty:
         raise settings.DataError(
-            f"no finished runs in {Path(out_dir)}/ to evaluate; make them with: "
-            f"python scratch_cnn.py{flag} and python transfer_mobilenetv2.py{flag}"
+            f"{run_dir}: not a {' or '.join(SCRIPTS)} run with a value_range, IMG_SIZE "
+            "and history.csv; train it again with the current scripts"
         )
-    return runs, hints
+    config, metrics = saved["config"], settings.read_json(run_dir / "metrics.json")
+    earlier = "flip" if config.get("TTA_FLIP") else "none"  # runs made before TTA levels
+    tta = metrics.get("tta") or config.get("TTA", earlier)
+    kind = settings.model_name(saved["script"], config)
+    run = {"dir": Path(run_dir), "saved": saved, "config": config, "metrics": metrics}
+    return {**run, "history": history, "kind": kind, "tta": tta}
 
 
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise settings.DataError(
-            f"{path}: unreadable ({type(error).__name__}); train that run again"
-        ) from None
-
-
-def read_run(run_dir, script):
-    """What training left in `run_dir`: its config.json, metrics.json and history."""
-    saved = read_json(run_dir / "config.json")
-    if "value_range" not in saved or "IMG_SIZE" not in saved.get("config", {}):
-        raise settings.DataError(
-            f"{run_dir / 'config.json'}: no value_range or IMG_SIZE, so the test "
-            "pipeline cannot be rebuilt; train that run again with the current scripts"
-        )
-    history = training.read_history(run_dir)
-    if not history:
-        raise settings.DataError(f"{run_dir / 'history.csv'}: missing or empty")
-    return {
-        "script": script,
-        "dir": Path(run_dir),
-        "saved": saved,
-        "config": saved.get("config", {}),
-        "value_range": tuple(saved["value_range"]),
-        "metrics": read_json(run_dir / "metrics.json"),
-        "history": history,
-    }
-
-
-def model_label(run):
-    """The model's name in legends and tables, saying where its weights came from."""
-    if run["script"] == "scratch_cnn":
-        return "CNN from scratch"
-    weights = run["config"].get("WEIGHTS", "imagenet")
-    if weights == "imagenet":
-        return "MobileNetV2 from ImageNet"
-    if weights == "none":
-        return "MobileNetV2, random init"
-    return f"MobileNetV2 from {Path(weights).name}"
+def group_columns(runs):
+    """Columns in the order the runs come, one per kind and settings (so seeds share
+    one); two of a kind are told apart by their first run, which their figures show."""
+    groups = {}
+    for run in runs:
+        compared = {k: v for k, v in run["config"].items() if k not in NOT_COMPARED}
+        groups.setdefault((run["kind"], repr(sorted(compared.items()))), []).append(run)
+    kinds, columns = [kind for kind, _ in groups], []
+    for index, ((kind, _), members) in enumerate(groups.items()):
+        name = kind if kinds.count(kind) == 1 else f"{kind} ({members[0]['dir'].name})"
+        seeds = [str(run["config"].get("SEED")) for run in members]
+        title = f"{name}, seed {seeds[0]} of {', '.join(seeds)}" if seeds[1:] else name
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        columns.append({"name": name, "slug": slug, "title": title, "runs": members})
+        columns[-1]["colour"] = f"C{index}"
+    return columns
 
 
 # ---------------------------------------------------------------------------------
-# Data: the test set each run was evaluated on, read once per source
-
-
-def run_class_names(run):
-    """The classes a run was trained on; runs saved before class folders existed
-    were CIFAR-10's."""
-    return tuple(run["saved"].get("class_names") or data.CLASS_NAMES)
+# Evaluate: the test set, each model's probabilities, what they measure
 
 
 def load_test_set(run, data_dir, cache):
-    """(images uint8, labels, source, training images count, class names, data set
-    name) for `run`: from `data_dir` when given, else from the DATA_DIR the run was
-    trained with. Class folders are decoded at the run's IMG_SIZE, as its training
-    decoded them."""
-    where = data_dir or run["config"].get("DATA_DIR", "")
-    image_size = run["config"]["IMG_SIZE"]
-    test_fraction = run["config"].get("TEST_FRACTION", data.TEST_FRACTION)
-    # CIFAR-10 is read at 32 px whatever the run's size; class folders at its size.
+    """The test set `run` was evaluated on (from `data_dir`, else its DATA_DIR), read
+    once per source; class folders decode at the run's IMG_SIZE, as in training."""
+    config, where = run["config"], data_dir or run["config"].get("DATA_DIR", "")
+    fraction = config.get("TEST_FRACTION", data.TEST_FRACTION)
     folders = data.class_folders_root(where)
-    key = (where, test_fraction, image_size if folders else None)
+    key = (where, fraction, folders and config["IMG_SIZE"])  # CIFAR-10 is read at 32 px
     if key not in cache:
-        cache[key] = data.load_test_data(where, image_size, test_fraction)
-    _, _, source, _, class_names = cache[key]
-    if tuple(class_names) != run_class_names(run):
-        raise settings.DataError(
-            f"{run['dir']}: trained on the classes {', '.join(run_class_names(run))}; "
-            f"the test data in {source} has {', '.join(class_names)}; pass --data_dir="
+        found = data.load_test_data(where, config["IMG_SIZE"], fraction)
+        dataset = "CIFAR-10" if folders is None else folders.resolve().name
+        cache[key] = TestSet(*found[:4], tuple(found[4]), dataset)
+        settings.require(
+            all(np.array_equal(found[1], other.labels) for other in cache.values()),
+            "the runs' test sets differ (other data); pass --data_dir= to use one",
         )
-    return (*cache[key], "CIFAR-10" if folders is None else folders.resolve().name)
-
-
-def training_images(run, available):
-    """Images the run trained on: TRAIN_IMAGES (0 = all `available`) less the
-    validation share, rounded as scikit-learn's split rounds it."""
-    chosen = run["config"].get("TRAIN_IMAGES", 0)
-    total = chosen if 0 < chosen < available else available
-    return total - math.ceil(total * run["config"].get("VAL_FRACTION", 0.0))
-
-
-# ---------------------------------------------------------------------------------
-# Model: load the best checkpoint and predict the test set once
-
-
-def load_model(run):
-    return training.load_checkpoint(run["dir"])
-
-
-def predict(model, run, images, labels, batch_size):
-    """(probabilities (N, classes), seconds per image) over the run's test pipeline
-    (its image size and value range), flip-averaged when the run was evaluated so
-    (TTA_FLIP), as training.finish does. The timed pass is the second one: the
-    first traces the graph for the full batches and again for the smaller last
-    batch (on a GPU, an XLA compile each), which is set-up, not inference."""
-    num_classes = model.output_shape[-1]
-    if num_classes != len(run_class_names(run)):
+    test, trained_on = cache[key], run["saved"].get("class_names") or data.CLASS_NAMES
+    if test.class_names != tuple(trained_on):
         raise settings.DataError(
-            f"{run['dir'] / 'model.keras'}: {num_classes} outputs for "
-            f"{len(run_class_names(run))} classes in its config.json; train it again"
+            f"{run['dir']}: trained on the classes {', '.join(trained_on)}; the test "
+            f"data in {test.source} has {', '.join(test.class_names)}; pass --data_dir="
         )
-    test_data = data.make_dataset(
-        images,
-        labels,
-        batch_size=batch_size,
-        image_size=run["config"]["IMG_SIZE"],
-        value_range=run["value_range"],
-        num_classes=num_classes,
-    )
-    tta_flip = run["config"].get("TTA_FLIP", False)
-    training.predict_probabilities(model, test_data, tta_flip)
-    start = time.perf_counter()
-    probabilities, _ = training.predict_probabilities(model, test_data, tta_flip)
-    seconds = time.perf_counter() - start
-    return probabilities.astype(np.float64), seconds / len(labels)
-
-
-def weights_megabytes(model):
-    """The size of the model's weights (what inference needs), in MB: model.keras
-    also holds the optimizer's slots, about 3x the weights for AdamW."""
-    return sum(weight.numpy().nbytes for weight in model.weights) / 1e6
-
-
-# ---------------------------------------------------------------------------------
-# Evaluate: everything below works from the probabilities alone
+    return test
 
 
 def calibration_bins(confidence, correct, bins):
-    """Per equal-width confidence bin (lower, upper]: image count, mean confidence
-    and accuracy (NaN where empty)."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    with np.errstate(invalid="ignore"):
-        mean_confidence = np.bincount(index, confidence, bins) / counts
-        accuracy = np.bincount(index, correct.astype(float), bins) / counts
-    return {
-        "edges": edges,
-        "counts": counts,
-        "confidence": mean_confidence,
-        "accuracy": accuracy,
-    }
-
-
-def expected_calibration_error(confidence, correct, bins):
-    """ECE: the gap between confidence and accuracy, averaged over confidence bins
-    weighted by their image counts. 0 = the model is as sure as it is right."""
-    table = calibration_bins(confidence, correct, bins)
-    filled = table["counts"] > 0
-    gaps = np.abs(table["accuracy"][filled] - table["confidence"][filled])
-    return float(np.sum(table["counts"][filled] * gaps) / len(confidence))
+    """(per confidence bin (lower, upper]: "counts", mean "confidence", "accuracy";
+    ECE: their gap averaged over the images, 0 when a model is as sure as it is right)."""
+    frame = pd.DataFrame({"confidence": confidence, "accuracy": correct.astype(float)})
+    edges = pd.cut(confidence, np.linspace(0.0, 1.0, bins + 1), include_lowest=True)
+    grouped = frame.groupby(edges, observed=False)
+    table = grouped.mean().assign(counts=grouped.size())
+    gaps = (table["accuracy"] - table["confidence"]).abs()
+    return table, float((table["counts"] * gaps).sum() / len(confidence))
 
 
 def most_confused_pairs(confusion, top):
-    """[(true class index, predicted class index, count)], the `top` largest
-    off-diagonal counts of `confusion`, largest first; pairs never confused left out."""
-    off_diagonal = confusion.copy()
-    np.fill_diagonal(off_diagonal, 0)
-    order = np.argsort(-off_diagonal, axis=None, kind="stable")[:top]
-    pairs = [
-        (*np.unravel_index(flat, confusion.shape), off_diagonal.flat[flat])
-        for flat in order
-    ]
-    return [
-        (int(true), int(predicted), int(count))
-        for true, predicted, count in pairs
-        if count > 0
-    ]
+    """[(true, predicted, count)]: the `top` largest counts off the diagonal."""
+    pairs = pd.DataFrame(confusion).stack()
+    pairs = pairs[pairs.index.map(lambda pair: pair[0] != pair[1]) & (pairs > 0)]
+    pairs = pairs.sort_values(ascending=False, kind="stable").head(top)
+    return [(int(t), int(p), int(count)) for (t, p), count in pairs.items()]
 
 
 def epochs_to_reach(val_accuracy, fraction):
-    """The first epoch (1-based) whose validation accuracy reaches `fraction` of the
-    best one: how fast a model converges."""
+    """The first epoch (from 1) whose validation accuracy is `fraction` of the best."""
     target = fraction * max(val_accuracy)
     return next(epoch for epoch, value in enumerate(val_accuracy, 1) if value >= target)
 
 
 def evaluate_predictions(probabilities, labels, bins, class_names=data.CLASS_NAMES):
-    """Accuracy, plain cross-entropy, confusion matrix, per-class accuracy and
-    calibration of one model's test-set probabilities over `class_names`."""
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
+    """Accuracy, confusion, per-class accuracy, calibration and cross-entropy (without
+    label smoothing, so that models trained with different smoothing compare)."""
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     correct = predicted == labels
     confusion = confusion_matrix(labels, predicted, labels=range(len(class_names)))
-    per_class_total = confusion.sum(axis=1)
-    with np.errstate(invalid="ignore"):
-        per_class_accuracy = np.diag(confusion) / per_class_total
-    true_probability = probabilities[np.arange(len(labels)), labels]
+    true_probability = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)
+    calibration, ece = calibration_bins(confidence, correct, bins)
     return {
-        "class_names": tuple(class_names),
-        "predicted": predicted,
-        "confidence": confidence,
-        "correct": correct,
-        "accuracy": float(accuracy_score(labels, predicted)),
-        # Without label smoothing, so models trained with different smoothing compare.
-        "cross_entropy": float(-np.mean(np.log(np.clip(true_probability, 1e-7, 1.0)))),
-        "confusion": confusion,
-        "per_class_accuracy": per_class_accuracy,
-        "calibration": calibration_bins(confidence, correct, bins),
-        "ece": expected_calibration_error(confidence, correct, bins),
-        "mean_confidence": float(confidence.mean()),
-    }
+        "class_names": tuple(class_names), "predicted": predicted, "correct": correct,
+        "confidence": confidence, "accuracy": float(correct.mean()),
+        "cross_entropy": float(-np.mean(np.log(true_probability))),
+        "confusion": confusion, "calibration": calibration, "ece": ece,
+        "per_class_accuracy": np.diag(confusion) / np.maximum(1, confusion.sum(axis=1)),
+    }  # fmt: skip
 
 
-def measure(run, evaluation, seconds_per_image, megabytes, train_count, fraction):
-    """One row of comparison.csv: the recorded figures of `run` beside the ones
-    measured here."""
-    metrics, history = run["metrics"], run["history"]
-    val_accuracy = [row["val_accuracy"] for row in history]
-    converged = epochs_to_reach(val_accuracy, fraction)
+def evaluate_run(column, run, test, config):
+    """Predict the test set with `run`'s model at each TTA level, keep its evaluation,
+    and return its row of comparison.csv: what it recorded beside what is measured."""
+    model, classes = training.load_checkpoint(run["dir"]), len(test.class_names)
+    value_range, size = tuple(run["saved"]["value_range"]), run["config"]["IMG_SIZE"]
+    dataset = data.make_dataset(
+        test.images, test.labels, batch_size=config["BATCH_SIZE"], image_size=size,
+        value_range=value_range, num_classes=classes,
+    )  # fmt: skip
+    level = max(FIGURE_TTA, run["tta"], key=training.TTA_LEVELS.index)
+    levels, _ = training.predict_tta(model, dataset, level)
+    start = time.perf_counter()  # a pass without TTA, the graph traced by now
+    training.predict_probabilities(model, dataset, "none")
+    seconds = (time.perf_counter() - start) / len(test.labels)
+    # The weights are what inference needs; model.keras also holds optimizer slots.
+    megabytes = sum(weight.numpy().nbytes for weight in model.weights) / 1e6
+    del model
+    keras.backend.clear_session()  # free the model before loading the next
+    accuracy = {k: float(np.mean(p.argmax(1) == test.labels)) for k, p in levels.items()}
+    tta, recorded = run["tta"], run["metrics"]["test_accuracy"]
+    print(f"{column['name']}, {run['dir'].name}: test accuracy by TTA level {accuracy}")
+    if abs(recorded - accuracy[tta]) > config["ACCURACY_TOLERANCE"]:
+        print(
+            f"warning: {run['dir']}: test accuracy recomputed here ({tta}) "
+            f"{accuracy[tta]:.4f} differs from the recorded {recorded:.4f} in its "
+            "metrics.json (other test data, or a changed model?)"
+        )
+    probabilities, bins = levels[FIGURE_TTA], config["CALIBRATION_BINS"]
+    evaluation = evaluate_predictions(probabilities, test.labels, bins, test.class_names)
+    history, metrics, trained = run["history"], run["metrics"], run["config"]
+    converged = epochs_to_reach(history["val_accuracy"], config["CONVERGED_FRACTION"])
+    chosen = trained.get("TRAIN_IMAGES", 0)  # 0 = all, less the validation share
+    images = chosen if 0 < chosen < test.available else test.available
+    images -= int(np.ceil(images * trained.get("VAL_FRACTION", 0)))  # as sklearn rounds
+    recorded = ["test_accuracy", "test_loss", "train_seconds", "images_per_second"]
+    run["evaluation"] = evaluation
     return {
-        "model": model_label(run),
-        "script": run["script"],
-        "run": str(run["dir"]),
-        "test_accuracy": metrics["test_accuracy"],
-        "recomputed_test_accuracy": evaluation["accuracy"],
-        "test_loss": metrics["test_loss"],
+        "model": column["name"], "run": shown(run["dir"]), "seed": trained.get("SEED"),
+        "tta": tta, **{f"test_accuracy_{key}": v for key, v in accuracy.items()},
+        **{key: metrics.get(key) for key in recorded},
         "test_cross_entropy": evaluation["cross_entropy"],
-        "best_val_accuracy": metrics.get("best_val_accuracy", max(val_accuracy)),
-        "final_train_loss": history[-1]["loss"],
-        "final_val_loss": history[-1]["val_loss"],
-        "final_train_accuracy": history[-1]["accuracy"],
-        "final_val_accuracy": history[-1]["val_accuracy"],
-        "epochs": len(history),
-        "epochs_to_converge": converged,
-        "seconds_to_converge": round(
-            sum(row["epoch_seconds"] for row in history[:converged]), 1
-        ),
-        "train_seconds": metrics["train_seconds"],
-        "train_images_per_second": metrics.get("images_per_second"),
-        "training_images": train_count,
-        "image_size": run["config"]["IMG_SIZE"],
-        "params": metrics["params"],
-        "model_megabytes": round(megabytes, 2),
-        "tta_flip": run["config"].get("TTA_FLIP", False),
-        "inference_ms_per_image": round(1000 * seconds_per_image, 4),
+        "best_val_accuracy": history["val_accuracy"].max(),
+        **history.iloc[-1][["loss", "val_loss"]].add_prefix("final_"),
+        "epochs": len(history), "epochs_to_converge": converged,
+        "seconds_to_converge": round(history["epoch_seconds"][:converged].sum(), 1),
+        "training_images": images, "image_size": trained["IMG_SIZE"],
+        "params": metrics["params"], "model_megabytes": round(megabytes, 2),
+        "inference_ms_per_image": round(1000 * seconds, 4),
         "expected_calibration_error": evaluation["ece"],
-        "mean_confidence": evaluation["mean_confidence"],
-    }
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------
-# Figures: saved, never shown; one colour per model throughout
+# Report: figures (saved, never shown; a colour per column), tables and report.md
 
 
 def new_figure(rows=1, columns=1, size=(12, 4.5), **options):
     """A figure whose layout makes room for titles, labels and legends by itself."""
-    return plt.subplots(
-        rows, columns, figsize=size, squeeze=False, layout="constrained", **options
-    )
+    options.update(figsize=size, squeeze=False, layout="constrained")
+    return plt.subplots(rows, columns, **options)
 
 
 def save_figure(figure, path, dpi, data_label=""):
-    """Write a PNG whole or not at all, and free the figure. A data label goes on a
-    line of its own under the title; the title is also the PNG's Title metadata."""
+    """Write a PNG whole or not at all and free the figure; a data label goes on a
+    line of its own under the title, which is also the PNG's Title metadata."""
     if data_label:
         figure.suptitle(f"{figure.get_suptitle()}\n{data_label}")
     partial = path.with_name(path.name + ".partial")
-    figure.savefig(
-        partial,
-        dpi=dpi,
-        format="png",
-        bbox_inches="tight",
-        metadata={"Title": figure.get_suptitle()},
-    )
+    meta = {"Title": figure.get_suptitle()}
+    figure.savefig(partial, format="png", dpi=dpi, bbox_inches="tight", metadata=meta)
     plt.close(figure)
-    partial.replace(path)
-    return path
+    return partial.replace(path)
 
 
-def phase_starts(history):
-    """[(epoch after which a new phase starts, phase name)], e.g. fine-tuning."""
-    return [
-        (epoch, history[epoch].get("phase"))
-        for epoch in range(1, len(history))
-        if history[epoch].get("phase") != history[epoch - 1].get("phase")
-    ]
-
-
-def draw_curves(axes, run, colour, label_prefix=""):
-    """Training (solid) and validation (dashed) accuracy and loss of one run on
-    `axes` (accuracy, loss), with the start of each new phase marked."""
-    epochs = np.arange(1, len(run["history"]) + 1)
-    for axis, key in zip(axes, ("accuracy", "loss")):
-        for prefix, style, name in (("", "-", "training"), ("val_", "--", "validation")):
-            values = [row[prefix + key] for row in run["history"]]
-            axis.plot(
-                epochs,
-                values,
-                style,
-                color=colour,
-                marker="o",
-                markersize=3,
-                label=f"{label_prefix}{name}",
-            )
-        for epoch, phase in phase_starts(run["history"]):
-            axis.axvline(epoch + 0.5, color=colour, linestyle=":", linewidth=1.5)
-            axis.annotate(
-                f" {PHASE_NAMES.get(phase, phase)} starts",
-                (epoch + 0.5, 0.98),
-                xycoords=("data", "axes fraction"),
-                ha="left",
-                va="top",
-                fontsize=8,
-                color=colour,
-                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
-            )
-
-
-def style_curve_axes(axes, last_epoch):
-    for axis, key in zip(axes, ("accuracy", "loss")):
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("accuracy" if key == "accuracy" else "loss (training objective)")
-        axis.set_title(f"{key}: training vs validation")
-        axis.set_xlim(0.5, last_epoch + 0.5)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+def plot_curves(columns):
+    """curves_comparison.png: accuracy and loss per epoch of each column's first run."""
+    figure, axes = new_figure(1, 2)
+    for column in columns:
+        history = column["runs"][0]["history"]
+        history = history.set_axis(np.arange(1, len(history) + 1))  # epochs
+        phases = history.get("phase", pd.Series("", history.index))
+        for axis, key in zip(axes.flat, ("accuracy", "loss")):
+            names = {key: f"{column['title']}, training", f"val_{key}": "validation"}
+            lines = history[list(names)].rename(columns=names)
+            lines.plot(ax=axis, style=["o-", "o--"], color=column["colour"], markersize=3)
+            for epoch in phases.index[phases.ne(phases.shift())][1:]:  # fine-tuning
+                axis.axvline(epoch - 0.5, color=column["colour"], linestyle=":")
+    for axis, key in zip(axes.flat, ("accuracy", "loss (training objective)")):
+        axis.set(xlabel="epoch", ylabel=key, title=f"{key}: training vs validation")
+        axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-
-
-def plot_curves(run):
-    """curves_<script>.png: one run's accuracy and loss per epoch."""
-    figure, axes = new_figure(1, 2)
-    draw_curves(axes.flat, run, COLOURS[run["script"]])
-    style_curve_axes(axes.flat, len(run["history"]))
-    figure.suptitle(f"{model_label(run)}: learning curves (run {run['dir'].name})")
+    figure.suptitle("Learning curves (solid: training, dashed: validation)")
     return figure
 
 
-def plot_curves_comparison(runs):
-    """curves_comparison.png: every run's curves on one pair of axes."""
-    figure, axes = new_figure(1, 2)
-    for run in runs:
-        draw_curves(axes.flat, run, COLOURS[run["script"]], f"{model_label(run)}, ")
-    style_curve_axes(axes.flat, max(len(run["history"]) for run in runs))
-    figure.suptitle("Learning curves compared (solid: training, dashed: validation)")
-    return figure
-
-
-def plot_confusion(run, evaluation):
-    """confusion_<script>.png: test-set counts, and the same rows normalised."""
-    confusion = evaluation["confusion"]
-    with np.errstate(invalid="ignore"):
-        normalised = np.nan_to_num(confusion / confusion.sum(axis=1, keepdims=True))
-    class_names = evaluation["class_names"]
-    # Room for every class; counts written in the cells while they still fit.
-    side = max(7.0, 0.4 * len(class_names))
-    figure, axes = new_figure(1, 2, size=(2.3 * side, side))
-    for axis, values, fmt, title in (
-        (axes[0, 0], confusion, "d", "test images"),
-        (axes[0, 1], normalised, ".2f", "share of each true class (rows sum to 1)"),
-    ):
-        sns.heatmap(
-            values,
-            annot=len(class_names) <= MAX_ANNOTATED_CLASSES,
-            fmt=fmt,
-            cmap=HEATMAP_COLOURS[run["script"]],
-            xticklabels=class_names,
-            yticklabels=class_names,
-            square=True,
-            cbar_kws={"shrink": 0.7},
-            annot_kws={"fontsize": 8},
-            ax=axis,
-        )
-        axis.set_xlabel("predicted class")
-        axis.set_ylabel("true class")
-        axis.set_title(title)
-        axis.tick_params(axis="x", rotation=45)
-        axis.tick_params(axis="y", rotation=0)
+def plot_confusion(column):
+    """confusion_<model>.png: shares of each true class in colour, counts in cells."""
+    evaluation = column["evaluation"]
+    confusion, names = evaluation["confusion"], evaluation["class_names"]
+    shares = confusion / np.maximum(1, confusion.sum(axis=1, keepdims=True))
+    side = max(7.0, 0.4 * len(names))  # room for every class
+    figure, axes = new_figure(size=(1.25 * side, side))
+    sns.heatmap(
+        shares, annot=confusion if len(names) <= 20 else False, fmt="d", square=True,
+        cmap=sns.light_palette(column["colour"], as_cmap=True), xticklabels=names,
+        yticklabels=names, cbar_kws={"label": "share of the true class"}, ax=axes[0, 0],
+    )  # fmt: skip
+    axes[0, 0].set(xlabel="predicted class", ylabel="true class")
     figure.suptitle(
-        f"{model_label(run)}: confusion matrix on {confusion.sum():,} test images, "
+        f"{column['title']}: confusion matrix on {confusion.sum():,} test images, "
         f"accuracy {evaluation['accuracy']:.2%}"
     )
     return figure
 
 
-def plot_per_class_accuracy(runs, evaluations):
+def plot_per_class_accuracy(columns):
     """per_class_accuracy.png: each class's test accuracy, the models side by side."""
-    class_names = evaluations[runs[0]["script"]]["class_names"]
-    width = max(12.0, 0.45 * len(runs) * len(class_names))
-    figure, axes = new_figure(size=(width, 4.5))
+    names, accuracy = columns[0]["evaluation"]["class_names"], {}
+    for column in columns:
+        evaluation = column["evaluation"]
+        name = f"{column['name']} (overall {evaluation['accuracy']:.1%})"
+        accuracy[name] = evaluation["per_class_accuracy"]
+    figure, axes = new_figure(size=(max(12.0, 0.45 * len(columns) * len(names)), 4.5))
+    colours, turn = [c["colour"] for c in columns], 45 if len(names) > 10 else 0
     axis = axes[0, 0]
-    positions = np.arange(len(class_names))
-    width = 0.8 / len(runs)
-    for offset, run in enumerate(runs):
-        evaluation = evaluations[run["script"]]
-        bars = axis.bar(
-            positions + (offset - (len(runs) - 1) / 2) * width,
-            np.nan_to_num(evaluation["per_class_accuracy"]),
-            width,
-            color=COLOURS[run["script"]],
-            label=f"{model_label(run)} (overall {evaluation['accuracy']:.1%})",
-        )
+    pd.DataFrame(accuracy, names).plot.bar(ax=axis, color=colours, rot=turn, width=0.8)
+    for bars in axis.containers:
         axis.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
-    if len(class_names) > 10:
-        axis.set_xticks(positions, class_names, rotation=45, ha="right")
-    else:
-        axis.set_xticks(positions, class_names)
-    axis.set_ylim(0, 1.15)
-    axis.set_xlabel("true class")
-    axis.set_ylabel("test accuracy (recall)")
+    axis.set(xlabel="true class", ylabel="test accuracy (recall)", ylim=(0, 1.15))
+    axis.legend(loc="upper center", ncol=len(columns), fontsize=8)
     figure.suptitle("Per-class test accuracy")
-    axis.grid(axis="y", alpha=0.3)
-    axis.legend(loc="upper center", ncol=len(runs), fontsize=8)
     return figure
 
 
-def plot_confused_pairs(runs, pairs, top, class_names):
-    """confused_pairs.png: each model's most frequent (true -> predicted) mistakes."""
-    figure, axes = new_figure(1, len(runs), size=(6.5 * len(runs), 0.8 + 0.35 * top))
-    for axis, run in zip(axes.flat, runs):
-        rows = pairs[run["script"]]
-        names = [f"{class_names[t]} → {class_names[p]}" for t, p, _ in rows]
-        counts = [count for _, _, count in rows]
-        # Largest at the top, in slots of equal height however few pairs there are.
-        bars = axis.barh(np.arange(len(rows)), counts, 0.7, color=COLOURS[run["script"]])
-        axis.bar_label(bars, fontsize=8, padding=2)
-        axis.set_yticks(np.arange(len(rows)), names)
-        axis.set_ylim(top - 0.5, -0.5)
-        axis.set_xlabel("test images")
-        axis.set_title(model_label(run))
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.margins(x=0.15)
-        axis.grid(axis="x", alpha=0.3)
-        if not rows:
-            axis.text(0.5, 0.5, "no mistakes", ha="center", transform=axis.transAxes)
-    figure.suptitle("Most confused pairs (true → predicted), test images")
-    return figure
-
-
-def image_grid(count, cell_height, columns=8, caption_lines=0):
-    """A figure of `count` image cells, `columns` a row, without ticks or frames,
-    with room for `caption_lines` lines of text under each image."""
-    rows = max(1, -(-count // columns))
-    figure, axes = new_figure(rows, columns, size=(1.75 * columns, cell_height * rows))
+def plot_images(images, titles, captions, columns=8):
+    """A grid of images without ticks or frames, each with its title and lines of
+    caption [(text, colour)] under it; "none" when there are no images."""
+    lines, rows = max(map(len, captions), default=0), max(1, -(-len(images) // columns))
+    figure, axes = new_figure(rows, columns, size=(14, (2.5 + 0.25 * lines) * rows))
     for index, axis in enumerate(axes.flat):
-        axis.set_xticks([])
-        axis.set_yticks([])
+        axis.set(xticks=[], yticks=[], visible=index < len(images))
         axis.spines[:].set_visible(False)
-        # An empty label of the caption's height makes the layout leave room for it.
-        axis.set_xlabel(
-            "\n" * (caption_lines - 1) + " " if caption_lines else "",
-            fontsize=CAPTION_POINTS - 2,
-            linespacing=CAPTION_POINTS / (CAPTION_POINTS - 2),
-        )
-        axis.set_visible(index < count)
-    return figure, axes
+    for axis, image, title, caption in zip(axes.flat, images, titles, captions):
+        axis.imshow(image)
+        axis.set_title(title, fontsize=9)
+        # An empty label as high as the caption makes the layout leave room for it.
+        axis.set_xlabel("\n" * len(caption), fontsize=9, linespacing=1.2)
+        for line, (text, colour) in enumerate(caption):
+            below = (0, -2 - 11 * line)  # points under the image
+            axis.annotate(text, (0.5, 0), below, "axes fraction", "offset points",
+                          ha="center", va="top", fontsize=9, color=colour)  # fmt: skip
+    if not len(images):
+        figure.text(0.5, 0.1, "none", ha="center", fontsize=14)
+    return figure
 
 
-def plot_misclassified(run, evaluation, images, labels, count):
-    """misclassified_<script>.png: the test images the model got wrong with the
-    highest confidence, with true and predicted classes."""
+def answer(evaluation, index):
+    """A model's answer for one test image: its class and confidence."""
+    predicted = evaluation["class_names"][evaluation["predicted"][index]]
+    return f"{predicted} {evaluation['confidence'][index]:.0%}"
+
+
+def plot_misclassified(column, images, labels, count):
+    """misclassified_<model>.png: the model's most confident mistakes."""
+    evaluation, names = column["evaluation"], column["evaluation"]["class_names"]
     wrong = np.flatnonzero(~evaluation["correct"])
-    shown = wrong[np.argsort(-evaluation["confidence"][wrong], kind="stable")][:count]
-    if not len(shown):
-        figure, axes = new_figure(size=(8, 2.5))
-        axes[0, 0].axis("off")
-        axes[0, 0].text(0.5, 0.5, "none", ha="center", va="center", fontsize=14)
-    else:
-        figure, axes = image_grid(len(shown), cell_height=2.1)
-    class_names = evaluation["class_names"]
-    for axis, index in zip(axes.flat, shown):
-        axis.imshow(images[index])
-        axis.set_title(
-            f"{class_names[labels[index]]}\n"
-            f"→ {class_names[evaluation['predicted'][index]]} "
-            f"{evaluation['confidence'][index]:.0%}",
-            fontsize=9,
-        )
-    title = (
-        f"the {len(shown)} most confident of {len(wrong):,} mistakes "
-        "(true class → predicted class, confidence)"
-        if len(wrong)
-        else "no misclassified test images"
-    )
-    figure.suptitle(f"{model_label(run)}: {title}", color=COLOURS[run["script"]])
+    picks = wrong[np.argsort(-evaluation["confidence"][wrong], kind="stable")][:count]
+    titles = [f"{names[labels[i]]}\n→ {answer(evaluation, i)}" for i in picks]
+    figure = plot_images(images[picks], titles, [[]] * len(picks))
+    what = f"the {len(picks)} most confident of {len(wrong):,} mistakes (true → guess)"
+    what = what if len(wrong) else "no misclassified test images"
+    figure.suptitle(f"{column['title']}: {what}", color=column["colour"])
     return figure
 
 
-def plot_test_predictions(runs, evaluations, images, labels, count, seed):
-    """test_predictions.png: random test images with every model's prediction and
-    confidence (the report's check on test images); ✓ right, ✗ wrong."""
-    picks = np.random.default_rng(seed).choice(
-        len(labels), size=min(count, len(labels)), replace=False
-    )
-    figure, axes = image_grid(
-        len(picks), cell_height=2.0 + 0.25 * len(runs), caption_lines=len(runs)
-    )
-    class_names = evaluations[runs[0]["script"]]["class_names"]
-    for axis, index in zip(axes.flat, picks):
-        axis.imshow(images[index])
-        axis.set_title(f"true: {class_names[labels[index]]}", fontsize=9)
-        for line, run in enumerate(runs):
-            evaluation = evaluations[run["script"]]
-            mark = "✓" if evaluation["correct"][index] else "✗"
-            axis.annotate(
-                f"{mark} {class_names[evaluation['predicted'][index]]} "
-                f"{evaluation['confidence'][index]:.0%}",
-                (0.5, 0),
-                xycoords="axes fraction",
-                xytext=(0, -2 - CAPTION_POINTS * line),
-                textcoords="offset points",
-                ha="center",
-                va="top",
-                fontsize=CAPTION_POINTS - 2,
-                color=COLOURS[run["script"]],
-            )
-    figure.legend(
-        handles=[
-            Patch(color=COLOURS[run["script"]], label=model_label(run)) for run in runs
-        ],
-        loc="outside lower center",
-        ncol=len(runs),
-        frameon=False,
-    )
-    figure.suptitle(
-        "Random test images: each model's prediction and confidence (✓ right, ✗ wrong)"
-    )
+def plot_test_predictions(columns, images, labels, count, seed):
+    """test_predictions.png: random test images, each model's answer (✓ right)."""
+    picks = np.random.default_rng(seed).permutation(len(labels))[:count]
+    models = [(column["evaluation"], column["colour"]) for column in columns]
+    captions = [
+        [(f"{'✓' if e['correct'][i] else '✗'} {answer(e, i)}", c) for e, c in models]
+        for i in picks
+    ]
+    titles = [f"true: {models[0][0]['class_names'][labels[i]]}" for i in picks]
+    figure = plot_images(images[picks], titles, captions)
+    handles = [Patch(color=column["colour"], label=column["name"]) for column in columns]
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(columns))
+    figure.suptitle("Random test images: each model's prediction (✓ right, ✗ wrong)")
     return figure
 
 
-def plot_calibration(runs, evaluations):
-    """calibration.png: per model, a reliability diagram (accuracy against confidence
-    per bin; on the diagonal = calibrated) over a histogram of confidences."""
-    figure, axes = new_figure(
-        2,
-        len(runs),
-        size=(5.5 * len(runs), 7),
-        sharex=True,
-        gridspec_kw={"height_ratios": [3, 1]},
-    )
-    for column, run in enumerate(runs):
-        evaluation = evaluations[run["script"]]
-        table = evaluation["calibration"]
-        colour = COLOURS[run["script"]]
-        edges = table["edges"]
-        centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
-        accuracy = np.nan_to_num(table["accuracy"])
-        top, bottom = axes[0, column], axes[1, column]
-        top.bar(
-            centres, accuracy, width, color=colour, edgecolor="white", label="accuracy"
-        )
-        top.bar(
-            centres,
-            np.nan_to_num(table["confidence"] - table["accuracy"]),
-            width,
-            bottom=accuracy,
-            fill=False,
-            hatch="//",
-            edgecolor="firebrick",
-            linewidth=0,
-            label="gap to mean confidence",
-        )
+def plot_calibration(columns):
+    """calibration.png: per model, a reliability diagram over a confidence histogram."""
+    size, grid = (5.5 * len(columns), 7), {"height_ratios": [3, 1]}
+    figure, axes = new_figure(2, len(columns), size=size, sharex=True, gridspec_kw=grid)
+    for top, bottom, column in zip(axes[0], axes[1], columns):
+        evaluation, colour = column["evaluation"], column["colour"]
+        table, confidence = evaluation["calibration"], evaluation["confidence"].mean()
+        width = 1 / len(table)
+        centres = (np.arange(len(table)) + 0.5) * width
+        top.bar(centres, table["accuracy"].fillna(0), width, color=colour, ec="white")
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        top.set_xlim(0, 1)
-        top.set_ylim(0, 1)
-        top.set_ylabel("accuracy in bin")
-        top.set_title(
-            f"{model_label(run)}\nECE {evaluation['ece']:.3f}, mean confidence "
-            f"{evaluation['mean_confidence']:.2f}, accuracy {evaluation['accuracy']:.2f}",
-            fontsize=10,
-        )
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin")
         top.legend(loc="upper left", fontsize=8)
-        top.grid(alpha=0.3)
+        ece, accuracy = evaluation["ece"], evaluation["accuracy"]
+        what = f"ECE {ece:.3f}, mean confidence {confidence:.2f}, accuracy {accuracy:.2f}"
+        top.set_title(f"{column['title']}\n{what}", fontsize=10)
         bottom.bar(centres, table["counts"], width, color=colour, edgecolor="white")
-        bottom.set_xlabel("confidence (highest predicted probability)")
-        bottom.set_ylabel("test images")
-        bottom.grid(alpha=0.3)
-    figure.suptitle("Calibration on the test set: reliability diagrams")
+        bottom.set(xlabel="confidence (highest predicted probability)", ylabel="images")
+    figure.suptitle(f"Calibration on the test set ({FIGURE_TTA}-averaged)")
     return figure
 
 
-# ---------------------------------------------------------------------------------
-# Tables and report
+def write_figures(columns, test, config, folder):
+    """Every figure into `folder`; returns their paths."""
+    images, labels, count = test.images, test.labels, config["MISCLASSIFIED_IMAGES"]
+    figures = {"curves_comparison": plot_curves(columns)}
+    for column in columns:
+        figures[f"confusion_{column['slug']}"] = plot_confusion(column)
+        mistakes = plot_misclassified(column, images, labels, count)
+        figures[f"misclassified_{column['slug']}"] = mistakes
+    figures["per_class_accuracy"] = plot_per_class_accuracy(columns)
+    picks = (images, labels, config["SAMPLE_IMAGES"], config["SEED"])
+    figures["test_predictions"] = plot_test_predictions(columns, *picks)
+    figures["calibration"] = plot_calibration(columns)
+    dpi, label = config["DPI"], config["DATA_LABEL"]
+    return [save_figure(f, folder / f"{n}.png", dpi, label) for n, f in figures.items()]
 
 
-COMPARISON_ROWS = (
-    # (comparison.csv column, label in comparison.md, format)
-    ("test_accuracy", "test accuracy (recorded)", "{:.2%}"),
-    ("recomputed_test_accuracy", "test accuracy (recomputed here)", "{:.2%}"),
-    ("test_loss", "test loss (training objective, recorded)", "{:.4f}"),
-    ("test_cross_entropy", "test cross-entropy (no label smoothing)", "{:.4f}"),
-    ("best_val_accuracy", "best validation accuracy", "{:.2%}"),
-    ("final_train_loss", "final training loss", "{:.4f}"),
-    ("final_val_loss", "final validation loss", "{:.4f}"),
-    ("final_train_accuracy", "final training accuracy", "{:.2%}"),
-    ("final_val_accuracy", "final validation accuracy", "{:.2%}"),
-    ("epochs", "epochs trained", "{}"),
-    ("epochs_to_converge", "epochs to reach {fraction} of best val accuracy", "{}"),
-    (
-        "seconds_to_converge",
-        "seconds to reach {fraction} of best val accuracy",
-        "{:,.1f}",
-    ),
-    ("train_seconds", "training time, s", "{:,.1f}"),
-    ("train_images_per_second", "training images per second", "{:,.0f}"),
-    ("training_images", "training images used", "{:,}"),
-    ("image_size", "input size, px", "{}"),
-    ("params", "parameters", "{:,}"),
-    ("model_megabytes", "model weights, MB", "{:.2f}"),
-    ("tta_flip", "test-time flip averaging", "{}"),
-    ("inference_ms_per_image", "inference, ms per image (this machine)", "{:.3f}"),
-    ("expected_calibration_error", "expected calibration error", "{:.3f}"),
-    ("mean_confidence", "mean confidence", "{:.2%}"),
-)
+def comparison_markdown(table, columns, level):
+    """The report's table, measured: a column per model, each figure the mean of its
+    runs; for shares, ± the Student-t interval at `level`, n and each seed's value."""
 
+    def cell(values, key):
+        values, n = values.dropna(), values.count()
+        if not n or not pd.api.types.is_numeric_dtype(values):
+            return ", ".join(dict.fromkeys(map(str, values))) or "n/a"
+        if not re.search("accuracy|confidence", key):
+            mean = values.mean()
+            return f"{mean:,.0f}" if float(mean).is_integer() else f"{mean:,.4g}"
+        half = stats.t.ppf((1 + level) / 2, n - 1) * stats.sem(values) if n > 1 else 0
+        each = ", ".join(f"{value:.2%}" for value in values)
+        spread = f" ± {half:.2%} (n={n}: {each})" if n > 1 else ""
+        return f"{values.mean():.2%}{spread}"
 
-def csv_text(header, rows):
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def markdown_table(header, rows):
-    def cell(value):
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(name) for name in header) + " |"]
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def formatted(value, fmt):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return fmt.format(value)
-
-
-def comparison_markdown(measures, fraction):
-    """The report's table, measured: one row per figure, one column per model."""
+    groups = table.groupby("model", sort=False)
+    keys = table.columns.drop(["model", "run", "seed"])
     rows = [
-        [label.format(fraction=f"{fraction:.0%}")]
-        + [formatted(row[key], fmt) for row in measures]
-        for key, label, fmt in COMPARISON_ROWS
+        [key] + [cell(groups.get_group(c["name"])[key], key) for c in columns]
+        for key in keys
     ]
-    return markdown_table([""] + [row["model"] for row in measures], rows)
+    return settings.markdown_table(["", *(column["name"] for column in columns)], rows)
 
 
-def settings_markdown(runs):
-    """Each run's settings as config.json saved them, side by side."""
-    names = list(dict.fromkeys(name for run in runs for name in run["config"]))
-    rows = [
-        [f"`{name.lower()}`"]
-        + [repr(run["config"][name]) if name in run["config"] else "" for run in runs]
-        for name in names
-    ]
-    rows += [
-        ["data source"] + [run["saved"].get("data_source", "") for run in runs],
-        ["value range"] + [str(list(run["value_range"])) for run in runs],
-        ["devices"] + [", ".join(run["saved"].get("devices", [])) for run in runs],
-        ["versions"]
-        + [
-            ", ".join(f"{k} {v}" for k, v in run["saved"].get("versions", {}).items())
-            for run in runs
-        ],
-    ]
-    return markdown_table(["setting"] + [model_label(run) for run in runs], rows)
-
-
-def confused_pairs_rows(runs, pairs, evaluations):
+def confused_pairs(columns, top):
+    """Each model's most confused pairs and their share of the true class's images."""
     rows = []
-    for run in runs:
-        confusion = evaluations[run["script"]]["confusion"]
-        class_names = evaluations[run["script"]]["class_names"]
-        for rank, (true, predicted, count) in enumerate(pairs[run["script"]], 1):
-            rows.append(
-                [
-                    run["script"],
-                    rank,
-                    class_names[true],
-                    class_names[predicted],
-                    count,
-                    round(count / confusion[true].sum(), 4),
-                ]
-            )
-    return rows
+    for column in columns:
+        confusion, names = (column["evaluation"][k] for k in ("confusion", "class_names"))
+        pairs = most_confused_pairs(confusion, top)
+        for rank, (true, guess, count) in enumerate(pairs, 1):
+            share = round(count / confusion[true].sum(), 4)
+            rows.append([column["name"], rank, names[true], names[guess], count, share])
+    header = ["model", "rank", "true", "predicted", "images", "share_of_true_class"]
+    return pd.DataFrame(rows, columns=header)
 
 
-def machine_description():
-    """This machine in one line: CPU, cores, GPUs, OS and TensorFlow version."""
-    cpu = training.cpu_name()
-    gpus = training.gpu_names()
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, "
-        f"{'GPU: ' + ', '.join(gpus) if gpus else 'no GPU'}; "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
+def settings_markdown(columns):
+    """Each column's settings side by side, all its seeds' values, no machine paths."""
+    configs, extras = [], []
+    for column in columns:
+        for run in column["runs"]:
+            configs.append({f"`{k.lower()}`": repr(v) for k, v in run["config"].items()})
+            extras.append({k.replace("_", " "): run["saved"].get(k, "") for k in SAVED})
+            extras[-1].update({"run folder": shown(run["dir"]), "model": column["name"]})
+    frame = pd.concat([pd.DataFrame(configs), pd.DataFrame(extras)], axis=1)
+    cells = frame.fillna("").map(without_paths).groupby("model", sort=False)
+    cells = cells.agg(lambda values: ", ".join(dict.fromkeys(values)))
+    header = ["setting", *cells.index]
+    return settings.markdown_table(header, cells.T.reset_index().values)
+
+
+def export_markdown(columns):
+    """Each exported run's TensorFlow Lite table (export/export.md), no machine paths."""
+    blocks = ["## Deployment: TensorFlow Lite\n\nFrom `python export.py`."]
+    for column in columns:
+        for run in column["runs"]:
+            path = run["dir"] / "export" / "export.md"
+            if path.is_file():
+                body = path.read_text().partition("\n")[2].strip()
+                body = without_paths(body, run["dir"].resolve(), run["dir"])
+                blocks.append(f"### {column['name']} ({shown(run['dir'])})\n\n{body}")
+    return "\n\n".join(blocks) if blocks[1:] else ""
+
+
+def report_markdown(columns, table, pairs, hints, test, config, command):
+    """report.md: every figure and table on one page, figures linked by file name."""
+    gpus = ", ".join(training.gpu_names()) or "no GPU"
+    machine = f"{settings.cpu_name()} ({os.cpu_count()} logical cores, {gpus}), "
+    machine += f"{platform.system()}, TensorFlow {tf.__version__}"
+    notes = (
+        "Every model is evaluated alike, without test-time augmentation (TTA) and with "
+        "flip averaging (each image and its mirror image), from its `model.keras`; "
+        "*recorded* figures come from each run's `metrics.json`, at the TTA level it "
+        "chose. The test loss is the training objective (label smoothing included where "
+        "used); the cross-entropy, without smoothing, compares models fairly. "
+        f"Convergence: the first epoch at {config['CONVERGED_FRACTION']:.0%} of the best "
+        "validation accuracy. A column of several seeds gives their mean; shares add ± "
+        f"the half-width of the {config['INTERVAL']:.0%} Student-t confidence interval "
+        "(percentage points), n and each seed; its figures show its first run. The "
+        f"figures below the curves use {FIGURE_TTA}-averaged predictions. Inference: "
+        f"`model.predict` in batches of {config['BATCH_SIZE']}, without TTA, resizing "
+        f"and scaling included, timed once the graph was traced, on {machine}. The "
+        "original report on CIFAR-10: from scratch about 72% test accuracy, training "
+        "and validation loss 0.67 and 0.79; MobileNetV2 over 95%, 0.20 and 0.25. Its "
+        "last row, suitability for small data, needs runs with a small `--train_images`."
     )
+    label = f" of {config['DATA_LABEL']}" if config["DATA_LABEL"] else ""
+    tables = ["comparison.md", "comparison.csv", "confused_pairs.csv"]
+    tables += [f"confusion_{c['slug']}.csv" for c in columns]
 
+    def figures(name, what):
+        return [f"![{what}: {c['name']}]({name}_{c['slug']}.png)" for c in columns]
 
-def export_blocks(runs):
-    """The TensorFlow Lite table of each run that export.py has exported, from its
-    export/export.md (its own title line dropped); nothing when none has been."""
-    blocks = []
-    for run in runs:
-        path = run["dir"] / "export" / "export.md"
-        if path.is_file():
-            body = path.read_text().partition("\n")[2]
-            blocks += [f"### {model_label(run)}", body.strip()]
-    if not blocks:
-        return []
-    return [
-        "## Deployment: TensorFlow Lite",
-        "From `python export.py`; the models and tables are in each run's `export/`.",
-        *blocks,
-    ]
-
-
-def report_markdown(
-    runs, measures, evaluations, pairs, reports, hints, test, config, files, command
-):
-    """report.md: every figure and table on one page, in blocks separated by a blank
-    line, figures linked by their file names in the same folder."""
-    scripts = [run["script"] for run in runs]
-    fraction = config["CONVERGED_FRACTION"]
-    run_list = ", ".join(f"`{run['dir']}`" for run in runs)
     blocks = [
-        f"# {test['dataset']}: a CNN from scratch against MobileNetV2 transfer learning",
+        f"# {test.dataset}: {' vs '.join(column['name'] for column in columns)}",
         (
-            f"Made by `{command}` on {datetime.now():%Y-%m-%d %H:%M} from {run_list}. "
-            f"Test set: {len(test['labels']):,} images"
-            f"{' of ' + config['DATA_LABEL'] if config['DATA_LABEL'] else ''} from "
-            f"`{test['source']}`, predicted once per model."
+            f"Made by: `{command}` on {datetime.now():%Y-%m-%d %H:%M}. Test set: "
+            f"{len(test.labels):,} images{label} from `{without_paths(test.source)}`."
         ),
-        *[f"> **Missing:** {hint}" for hint in hints],
+        *[f"> **Missing:** {without_paths(hint)}" for hint in hints],
         "## The comparison",
-        comparison_markdown(measures, fraction),
-        (
-            "*Recorded* figures come from each run's `metrics.json`, written when "
-            "training ended; *recomputed* ones from this evaluation's predictions. The "
-            "test loss is the loss the model trained on (label smoothing included "
-            "where the run used it); the cross-entropy without smoothing compares "
-            "models fairly. Convergence counts the epochs until validation accuracy "
-            f"first reached {fraction:.0%} of its best. The report's last row, "
-            "suitability for small data, needs runs on little data: train both "
-            "scripts with a small `--train_images` (e.g. 5000) and evaluate again."
-        ),
-        (
-            "For reference, the original report on CIFAR-10: from scratch about 72% "
-            "test accuracy, training and validation loss 0.67 and 0.79; MobileNetV2 "
-            "over 95%, 0.20 and 0.25."
-        ),
-        (
-            f"Inference: `model.predict` over the test set in batches of "
-            f"{config['BATCH_SIZE']}, input pipeline (resizing and scaling) included, "
-            "each image and its mirror for a run evaluated with flip averaging "
-            "(`TTA_FLIP`), timed on a second pass (the first traces the graph for "
-            f"the full and the last, smaller batch), on this machine: "
-            f"{machine_description()}."
-        ),
-        "The table as [comparison.md](comparison.md) and [comparison.csv](comparison.csv).",
-        *export_blocks(runs),
-        "## Learning curves",
-        (
-            "Solid lines: training; dashed: validation. A dotted vertical line marks "
-            "where a new phase (fine-tuning) starts."
-        ),
-        f"![Learning curves compared]({files['curves_comparison']})",
-        *[
-            f"![Learning curves of {script}]({files['curves_' + script]})"
-            for script in scripts
-        ],
+        comparison_markdown(table, columns, config["INTERVAL"]),
+        notes,
+        "Tables: " + ", ".join(f"[{name}]({name})" for name in tables) + ".",
+        export_markdown(columns),
+        "## Learning curves\n\n![Learning curves](curves_comparison.png)",
         "## Confusion matrices",
-    ]
-    for script in scripts:
-        blocks += [
-            f"![Confusion matrix of {script}]({files['confusion_' + script]})",
-            f"Counts as [confusion_{script}.csv](confusion_{script}.csv).",
-        ]
-    labels = {run["script"]: model_label(run) for run in runs}
-    blocks += [
-        "## Per-class accuracy",
-        f"![Per-class accuracy]({files['per_class_accuracy']})",
+        *figures("confusion", "Confusion matrix"),
+        "## Per-class accuracy\n\n![Per-class accuracy](per_class_accuracy.png)",
         "## Most confused class pairs",
-        f"![Most confused pairs]({files['confused_pairs']})",
-        markdown_table(
-            ["model", "rank", "true", "predicted", "images", "share of true class"],
-            [
-                [labels[row[0]], *row[1:]]
-                for row in confused_pairs_rows(runs, pairs, evaluations)
-            ],
-        ),
+        settings.markdown_table([*pairs.columns.str.replace("_", " ")], pairs.values),
         "## Mistakes and predictions on test images",
-        *[
-            f"![Mistakes of {script}]({files['misclassified_' + script]})"
-            for script in scripts
-        ],
-        f"![Random test images with predictions]({files['test_predictions']})",
-        "## Calibration",
-        (
-            "The report worried about bias carried over from the pretrained model. One "
-            "measurable form of it is miscalibration: a model more (or less) sure than "
-            "it is right. The expected calibration error (ECE) averages the gap between "
-            f"confidence and accuracy over {config['CALIBRATION_BINS']} confidence bins, "
-            "weighted by their images; 0 is perfect."
-        ),
-        f"![Reliability diagrams]({files['calibration']})",
+        *figures("misclassified", "Mistakes"),
+        "![Random test images with predictions](test_predictions.png)",
+        "## Calibration: expected calibration error (ECE), reliability diagrams",
+        "![Reliability diagrams](calibration.png)",
         "## Classification reports",
+        *[f"### {c['title']}\n\n```\n{c['report'].rstrip()}\n```" for c in columns],
+        "## Settings of each run",
+        settings_markdown(columns),
     ]
-    for run in runs:
-        name = files[f"classification_report_{run['script']}.txt"]
-        blocks += [
-            f"### {labels[run['script']]} ([{name}]({name}))",
-            "```\n" + reports[run["script"]].rstrip() + "\n```",
-        ]
-    blocks += ["## Settings of each run", settings_markdown(runs)]
-    return "\n\n".join(block.rstrip("\n") for block in blocks) + "\n"
+    return "\n\n".join(block for block in blocks if block) + "\n"
 
 
 # ---------------------------------------------------------------------------------
 # main: python evaluate.py
 
 
-def evaluate_runs(runs, config):
-    """Predict the test set once per model; every figure and table reuses those
-    probabilities. Returns (test set, {script: evaluation}, [comparison rows])."""
-    cache, evaluations, measures, test = {}, {}, [], None
-    for run in runs:
-        images, labels, source, available, class_names, dataset = load_test_set(
-            run, config["DATA_DIR"], cache
-        )
-        if test is not None and (
-            not np.array_equal(labels, test["labels"])
-            or class_names != test["class_names"]
-        ):
-            raise settings.ConfigError(
-                "the runs were trained on different data, so their test sets differ; "
-                "pass --data_dir= to evaluate both on one"
-            )
-        test = {
-            "images": images,
-            "labels": labels,
-            "source": source,
-            "class_names": class_names,
-            "dataset": dataset,
-        }
-        print(f"{run['script']}: predicting {len(labels):,} test images, {run['dir']}")
-        model = load_model(run)
-        probabilities, seconds_per_image = predict(
-            model, run, images, labels, config["BATCH_SIZE"]
-        )
-        megabytes = weights_megabytes(model)
-        del model
-        keras.backend.clear_session()  # free the model before loading the next
-        evaluation = evaluate_predictions(
-            probabilities, labels, config["CALIBRATION_BINS"], class_names
-        )
-        row = measure(
-            run,
-            evaluation,
-            seconds_per_image,
-            megabytes,
-            training_images(run, available),
-            config["CONVERGED_FRACTION"],
-        )
-        recorded, recomputed = row["test_accuracy"], row["recomputed_test_accuracy"]
-        if abs(recorded - recomputed) > config["ACCURACY_TOLERANCE"]:
-            print(
-                f"warning: {run['script']}: test accuracy recomputed here "
-                f"{recomputed:.4f} differs from the recorded {recorded:.4f} in "
-                f"{run['dir'] / 'metrics.json'} (other test data, or a changed model?)"
-            )
-        print(
-            f"{run['script']}: test accuracy {recomputed:.4f} (recorded {recorded:.4f}), "
-            f"ECE {row['expected_calibration_error']:.3f}, "
-            f"{row['inference_ms_per_image']:.3f} ms per image"
-        )
-        evaluations[run["script"]] = evaluation
-        measures.append(row)
-    return test, evaluations, measures
-
-
-def write_figures(runs, evaluations, pairs, test, config, plots_dir):
-    """Every figure, as {name: file name}."""
-    files = {}
-
-    def save(name, plot, *args):
-        path = plots_dir / f"{name}.png"
-        save_figure(plot(*args), path, config["DPI"], config["DATA_LABEL"])
-        files[name] = path.name
-
-    images, labels = test["images"], test["labels"]
-    save("curves_comparison", plot_curves_comparison, runs)
-    for run in runs:
-        script, evaluation = run["script"], evaluations[run["script"]]
-        save(f"curves_{script}", plot_curves, run)
-        save(f"confusion_{script}", plot_confusion, run, evaluation)
-        save(
-            f"misclassified_{script}",
-            plot_misclassified,
-            run,
-            evaluation,
-            images,
-            labels,
-            config["MISCLASSIFIED_IMAGES"],
-        )
-    save("per_class_accuracy", plot_per_class_accuracy, runs, evaluations)
-    save(
-        "confused_pairs",
-        plot_confused_pairs,
-        runs,
-        pairs,
-        config["TOP_CONFUSED_PAIRS"],
-        test["class_names"],
-    )
-    save(
-        "test_predictions",
-        plot_test_predictions,
-        runs,
-        evaluations,
-        images,
-        labels,
-        config["SAMPLE_IMAGES"],
-        config["SEED"],
-    )
-    save("calibration", plot_calibration, runs, evaluations)
-    return files
-
-
-def write_tables(runs, evaluations, measures, pairs, reports, config, plots_dir):
-    """comparison.csv and .md, confused_pairs.csv, and per model its confusion counts
-    and classification report, as {file name: file name}."""
-    tables = {
-        "comparison.csv": csv_text(
-            list(measures[0]), [list(row.values()) for row in measures]
-        ),
-        "comparison.md": comparison_markdown(measures, config["CONVERGED_FRACTION"]),
-        "confused_pairs.csv": csv_text(
-            ["script", "rank", "true", "predicted", "images", "share_of_true_class"],
-            confused_pairs_rows(runs, pairs, evaluations),
-        ),
-    }
-    for run in runs:
-        script = run["script"]
-        confusion = evaluations[script]["confusion"].tolist()
-        class_names = evaluations[script]["class_names"]
-        tables[f"confusion_{script}.csv"] = csv_text(
-            ["true \\ predicted", *class_names],
-            [[name, *counts] for name, counts in zip(class_names, confusion)],
-        )
-        tables[f"classification_report_{script}.txt"] = reports[script]
-    return {
-        name: training.write_text(plots_dir / name, text).name
-        for name, text in tables.items()
-    }
-
-
 def main(argv):
     config = training.configure(CONFIG, argv)
     check_config(config)
-    run_dirs, hints = find_runs(
-        config["OUT_DIR"], {script: config[RUN_SETTING[script]] for script in SCRIPTS}
-    )
+    run_dirs, hints = find_runs(config["OUT_DIR"], config["RUNS"])
     for hint in hints:
         print(hint)
-    runs = [
-        read_run(run_dirs[script], script) for script in SCRIPTS if script in run_dirs
-    ]
+    columns = group_columns([read_run(run_dir) for run_dir in run_dirs])
     plots_dir = Path(config["PLOTS_DIR"]).expanduser()
     plots_dir.mkdir(parents=True, exist_ok=True)
 
-    # Evaluate
-    test, evaluations, measures = evaluate_runs(runs, config)
-    pairs = {
-        script: most_confused_pairs(evaluation["confusion"], config["TOP_CONFUSED_PAIRS"])
-        for script, evaluation in evaluations.items()
-    }
-    reports = {
-        script: classification_report(
-            test["labels"],
-            evaluation["predicted"],
-            labels=range(len(evaluation["class_names"])),
-            target_names=evaluation["class_names"],
-            digits=4,
-            zero_division=0,
-        )
-        for script, evaluation in evaluations.items()
-    }
-
-    # Figures, tables, and the report that shows them all
-    files = write_figures(runs, evaluations, pairs, test, config, plots_dir)
-    files.update(
-        write_tables(runs, evaluations, measures, pairs, reports, config, plots_dir)
-    )
-    report = report_markdown(
-        runs,
-        measures,
-        evaluations,
-        pairs,
-        reports,
-        hints,
-        test,
-        config,
-        files,
-        command=shlex.join(["python", "evaluate.py", *argv]),
-    )
-    files["report.md"] = training.write_text(plots_dir / "report.md", report).name
-    for name in files.values():
-        print(f"wrote {plots_dir / name}")
+    cache, rows = {}, []
+    for column in columns:
+        for run in column["runs"]:
+            test = load_test_set(run, config["DATA_DIR"], cache)
+            rows.append(evaluate_run(column, run, test, config))
+        column["evaluation"] = column["runs"][0]["evaluation"]
+    table, names = pd.DataFrame(rows), test.class_names
+    index = pd.Index(names, name="true \\ predicted")  # confusion rows
+    pairs = confused_pairs(columns, config["TOP_CONFUSED_PAIRS"])
+    tables = {"comparison.csv": table.to_csv(index=False)}
+    tables["comparison.md"] = comparison_markdown(table, columns, config["INTERVAL"])
+    tables["confused_pairs.csv"] = pairs.to_csv(index=False)
+    for column in columns:
+        evaluation, slug = column["evaluation"], column["slug"]
+        column["report"] = classification_report(
+            test.labels, evaluation["predicted"], labels=range(len(names)),
+            target_names=names, digits=4, zero_division=0,
+        )  # fmt: skip
+        tables[f"classification_report_{slug}.txt"] = column["report"]
+        confusion = pd.DataFrame(evaluation["confusion"], index, names)
+        tables[f"confusion_{slug}.csv"] = confusion.to_csv()
+    # The exact command, shell-quoted, each absolute path shown without this machine's.
+    command = shlex.join(["python", "evaluate.py", *map(without_paths, argv)])
+    report = report_markdown(columns, table, pairs, hints, test, config, command)
+    files = write_figures(columns, test, config, plots_dir)
+    for name, text in {**tables, "report.md": report}.items():
+        files.append(settings.write_text(plots_dir / name, text))
+    for path in files:
+        print(f"wrote {path}")
     return {
-        "runs": {run["script"]: run["dir"] for run in runs},
-        "plots_dir": plots_dir,
-        "files": sorted(files.values()),
+        "columns": {c["name"]: [run["dir"] for run in c["runs"]] for c in columns},
+        "plots_dir": plots_dir.resolve(),
+        "files": sorted(path.name for path in files),
         "hints": hints,
     }
 

@@ -494,7 +494,10 @@ def model_name(script, config):
     alpha = config.get("ALPHA", 1.0)
     name = "MobileNetV2" + ("" if alpha == 1.0 else f" (alpha {alpha})")
     weights = config.get("WEIGHTS", "imagenet")
-    if weights == "imagenet":
+    # Keras's own ImageNet file, passed by path, is still ImageNet weights.
+    if weights == "imagenet" or re.match(
+        r"mobilenet_v2_weights_tf_dim_ordering", Path(weights).name
+    ):
         return f"{name}, ImageNet weights"
     if weights == "none":
         return f"{name}, random start"
