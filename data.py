@@ -67,7 +67,10 @@ FOLDERS_LAYOUT = (
 )
 # The C++ line TensorFlow logs for an image that does not decode: the error raised
 # instead names the file, in one line.
-DECODE_NOISE = (b"decode_image", b"OP_REQUIRES failed", b"Corrupt JPEG", b"Premature end")
+DECODE_NOISE = (
+    b"decode_image", b"OP_REQUIRES failed", b"Local rendezvous is aborting",
+    b"Corrupt JPEG", b"Premature end", b"Improper call to JPEG library",
+)  # fmt: skip
 
 
 def check_config(config):
@@ -572,8 +575,12 @@ def make_dataset(
         batch = tf.numpy_function(lambda i: images[i], [index], tf.uint8, stateful=False)
         batch = tf.cast(tf.ensure_shape(batch, (None, side, side, 3)), tf.float32)
         if flip != "none":
-            if flip == "random":
-                mirrored = tf.random.uniform(tf.shape(index), 0, 2, tf.int64, seed=seed)
+            if flip == "random":  # fresh coins each pass, fixed by the seed
+                coins_now = tf.random.stateless_uniform(
+                    [len(labels)], tf.stack([tf.constant(seed, tf.int64), pass_number]),
+                    0, 2, tf.int64,
+                )  # fmt: skip
+                mirrored = tf.gather(coins_now, index)
             else:
                 mirrored = (tf.gather(coins, index) + pass_number) % 2
             mirrored = tf.reshape(tf.cast(mirrored, tf.bool), (-1, 1, 1, 1))

@@ -49,8 +49,11 @@ HEAD_LR = 1e-3  # phase 1 learning rate, constant (AdamW)
 FINE_TUNE_EPOCHS = 15  # phase 2: epochs with the base trainable; 0 = head only
 FINE_TUNE_LR = 1e-4  # phase 2 peak learning rate (AdamW), 10x lower than the head's
 FREEZE_FIRST = 10  # base layers (of 154, input included) kept frozen in phase 2
+FINE_TUNE_BATCHNORM = False  # phase 2 trains BatchNorm too (batch statistics); False =
+# ImageNet's statistics, frozen
 RANDOM_START_LR = 2e-3  # --weights=none: peak learning rate (AdamW), all layers train
-RANDOM_START_BATCHNORM_MOMENTUM = 0.9  # --weights=none: Keras MobileNetV2 has 0.999
+BATCHNORM_MOMENTUM = 0.9  # where BatchNorm trains (random start, FINE_TUNE_BATCHNORM);
+# Keras's MobileNetV2 has 0.999, too slow for a few thousand steps
 WARMUP_EPOCHS = 1  # phase 2: linear warm-up from 0, then cosine decay to 0 at the end
 WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay, scaled by the learning rate
 LABEL_SMOOTHING = 0.1  # 0 = plain one-hot targets
@@ -212,16 +215,18 @@ def freeze_base(base):
     base.trainable = False
 
 
-def unfreeze_for_fine_tuning(base, freeze_first):
+def unfreeze_for_fine_tuning(base, freeze_first, batchnorm_momentum=None):
     """Phase 2: the base trainable except its first `freeze_first` layers and every
-    BatchNormalization layer. A frozen BatchNorm layer runs in inference mode: it
-    normalizes with its moving statistics and leaves them as they are."""
+    BatchNormalization layer, unless `batchnorm_momentum` is given: then BatchNorm
+    trains too, its moving averages at that momentum. A frozen BatchNorm layer runs in
+    inference mode: it normalizes with its moving statistics and leaves them alone."""
     base.trainable = True
-    for layer in base.layers[:freeze_first]:
-        layer.trainable = False
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+            layer.trainable = batchnorm_momentum is not None
+            layer.momentum = batchnorm_momentum or layer.momentum
+    for layer in base.layers[:freeze_first]:
+        layer.trainable = False
 
 
 def unfreeze_all(base, batchnorm_momentum):
@@ -245,9 +250,12 @@ def compile_phase(model, base, config, phase, steps_per_epoch):
         )
     else:
         if phase == "fine_tune":
-            unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"])
+            momentum = (
+                config["BATCHNORM_MOMENTUM"] if config["FINE_TUNE_BATCHNORM"] else None
+            )
+            unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"], momentum)
         else:
-            unfreeze_all(base, config["RANDOM_START_BATCHNORM_MOMENTUM"])
+            unfreeze_all(base, config["BATCHNORM_MOMENTUM"])
         schedule = training.WarmupThenDecay(
             config["FINE_TUNE_LR" if phase == "fine_tune" else "RANDOM_START_LR"],
             warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
@@ -276,7 +284,7 @@ def training_plan(config, base):
         return {
             "phases": {"random_start": config["FINE_TUNE_EPOCHS"]},
             "frozen_first_layers": [],
-            "batchnorm": f"trained, momentum {config['RANDOM_START_BATCHNORM_MOMENTUM']}",
+            "batchnorm": f"trained, momentum {config['BATCHNORM_MOMENTUM']}",
             "ignored": ["HEAD_EPOCHS", "HEAD_LR", "FINE_TUNE_LR", "FREEZE_FIRST"],
         }
     phases = {"head": config["HEAD_EPOCHS"], "fine_tune": config["FINE_TUNE_EPOCHS"]}
@@ -285,7 +293,11 @@ def training_plan(config, base):
         "frozen_first_layers": [
             layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
         ],
-        "batchnorm": "from the weights, frozen",
+        "batchnorm": (
+            "trained in phase 2"
+            if config["FINE_TUNE_BATCHNORM"]
+            else "from the weights, frozen"
+        ),
     }
 
 

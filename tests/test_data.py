@@ -1,6 +1,7 @@
 """data.py: every way to find CIFAR-10, the safe batch reader and its errors, the
-stratified split, the tf.data pipeline (scaling, one-hot, resize, shuffle,
-augmentation), the `python data.py` report, and the pipeline's memory use.
+stratified split, the tf.data pipeline (scaling, one-hot, resize, shuffle, random
+and alternating flips, augmentation), the batch a training run gets, what decoding
+leaves on stderr, the `python data.py` report, and the pipeline's memory use.
 
 Most tests call data.py's functions in-process; the two that need a process of their
 own (the offline download's exit code and stderr, memory) start them together.
@@ -30,6 +31,7 @@ from conftest import (
     run_script,
     write_batch,
 )
+from PIL import Image
 
 import data
 import settings
@@ -73,10 +75,10 @@ def shuffled_labels(count, seed=0):
 def no_download(monkeypatch):
     """In-process loads must find the data on disk; a download attempt fails the test."""
 
-    def refuse():
-        raise AssertionError("load_cifar10 tried to download")
+    def refuse():  # pytest.fail is a BaseException: load_cifar10 cannot catch it
+        pytest.fail("load_cifar10 tried to download")
 
-    monkeypatch.setattr(data, "download_cifar10", refuse)
+    monkeypatch.setattr(data.keras.datasets.cifar10, "load_data", refuse)
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
 
 
@@ -111,7 +113,8 @@ labels = (np.arange(50000) % 10).astype(np.int32)
 before = rss_mb()
 dataset = data.make_dataset(
     images, labels, batch_size=128, image_size=96, value_range=(-1.0, 1.0),
-    augmenter=data.augmenter_for(data.CONFIG), shuffle=True, seed=0,
+    augmenter=data.augmenter_for(data.CONFIG), flip=data.CONFIG["AUGMENT_FLIP"],
+    shuffle=True, seed=0,
 )
 batches = 0
 for batch, onehot in dataset.take(20):
@@ -706,9 +709,9 @@ def test_augmentation_changes_pixels_but_never_labels():
     images, labels = indexed_images(64), shuffled_labels(64)
     common = {"batch_size": 32, "image_size": 32, "value_range": (0.0, 1.0)}
     plain, plain_labels, _ = collect(data.make_dataset(images, labels, **common))
-    augmenter = data.make_augmenter(flip=True, translate=0.125, seed=0)
+    augmenter = data.make_augmenter(translate=0.125, seed=0)
     augmented, augmented_labels, _ = collect(
-        data.make_dataset(images, labels, augmenter=augmenter, **common)
+        data.make_dataset(images, labels, augmenter=augmenter, flip="random", **common)
     )
     np.testing.assert_array_equal(augmented_labels, plain_labels)
     np.testing.assert_array_equal(augmented_labels.argmax(axis=1), labels)
@@ -718,39 +721,161 @@ def test_augmentation_changes_pixels_but_never_labels():
     assert augmented.min() >= 0 and augmented.max() <= 1
 
 
-def test_flip_alone_mirrors_some_images_and_leaves_the_rest():
+def orientations(images, labels, flip, passes, repeat=False, seed=3):
+    """Each pass of a shuffled `flip` pipeline over `images` (distinct, and each
+    unlike its mirror image), as an array over the source images: 1 where the image
+    came out mirrored, 0 where it came out as stored. Every output must be one or the
+    other of its source, with its own label, and every image must come once a pass."""
+    count, batch_size = len(labels), 8
+    steps = -(-count // batch_size)
+    dataset = data.make_dataset(
+        images, labels, batch_size=batch_size, image_size=32, value_range=(0, 1),
+        flip=flip, shuffle=True, seed=seed, repeat=repeat,
+    )  # fmt: skip
+    if repeat:  # one iterator that goes on: its passes follow each other
+        batches = list(dataset.take(steps * passes))
+    else:  # a new iterator a pass, as model.fit makes one an epoch
+        batches = [batch for _ in range(passes) for batch in dataset]
+    assert len(batches) == steps * passes
+    known = {}
+    for index, image in enumerate(images):
+        known[image.tobytes()] = (index, 0)
+        known[image[:, ::-1].tobytes()] = (index, 1)
+    found = []
+    for start in range(0, len(batches), steps):
+        mirrored = np.full(count, -1)
+        for pixels, onehot in batches[start : start + steps]:
+            pixels = np.rint(pixels.numpy() * 255).astype(np.uint8)
+            for picture, label in zip(pixels, onehot.numpy().argmax(axis=1)):
+                index, side = known[picture.tobytes()]  # KeyError: neither
+                assert mirrored[index] == -1, f"image {index} twice in a pass"
+                assert label == labels[index]
+                mirrored[index] = side
+        assert (mirrored >= 0).all(), "an image missing from a pass"
+        found.append(mirrored)
+    return found
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_alternate_flips_mirror_each_image_in_every_other_pass(repeat):
+    """airbench's flips: a random half of the images mirrored in the first pass,
+    then each image the other way round in the next pass, and back in the one after,
+    whether each pass is a new iterator (full epochs) or one repeating iterator
+    (STEPS_PER_EPOCH)."""
+    images, labels = indexed_images(60), shuffled_labels(60)
+    first, second, third = orientations(images, labels, "alternate", 3, repeat)
+    assert 10 < first.sum() < 50, first
+    np.testing.assert_array_equal(second, 1 - first)
+    np.testing.assert_array_equal(third, first)
+    # The first pass's coins come from the seed.
+    again = orientations(images, labels, "alternate", 1, repeat)[0]
+    other = orientations(images, labels, "alternate", 1, repeat, seed=4)[0]
+    np.testing.assert_array_equal(again, first)
+    assert (other != first).any()
+
+
+def test_random_flips_mirror_some_images_and_none_flips_none():
     images, labels = indexed_images(64), shuffled_labels(64)
-    augmenter = data.make_augmenter(flip=True, translate=0, seed=1)
-    pixels, _, _ = collect(
-        data.make_dataset(
-            images,
-            labels,
-            batch_size=64,
-            image_size=32,
-            value_range=(0, 1),
-            augmenter=augmenter,
-        )
-    )
-    pixels = np.rint(pixels * 255).astype(np.uint8)
-    same = [np.array_equal(out, source) for out, source in zip(pixels, images)]
-    mirrored = [
-        np.array_equal(out, source[:, ::-1]) for out, source in zip(pixels, images)
-    ]
-    assert all(a or b for a, b in zip(same, mirrored))
-    assert 10 < sum(mirrored) < 54, sum(mirrored)
+    first, second = orientations(images, labels, "random", 2)
+    for mirrored in (first, second):
+        assert 10 < mirrored.sum() < 54, mirrored
+    # A coin per image and pass: not the same images again, nor all the others.
+    assert 10 < (first != second).sum() < 54
+    for mirrored in orientations(images, labels, "none", 2):
+        assert mirrored.sum() == 0
 
 
 def test_augmenter_layers_follow_the_settings():
-    assert data.make_augmenter(flip=False, translate=0) is None
-    full = data.make_augmenter(
-        flip=True, translate=0.1, rotate=0.05, zoom=0.1, contrast=0.2
-    )
-    assert len(full.layers) == 5
+    assert data.make_augmenter(translate=0) is None
+    full = data.make_augmenter(translate=0.1, rotate=0.05, zoom=0.1, contrast=0.2)
+    assert len(full.layers) == 4
     batch = indexed_images(8).astype(np.float32)
     out = np.asarray(full(batch, training=True))
     assert out.shape == batch.shape
     assert out.min() >= 0 and out.max() <= 255
     assert not np.allclose(out, batch)
+    # Flips are the pipeline's, not a layer's: they must not be applied twice.
+    names = [type(layer).__name__ for layer in full.layers]
+    assert "RandomFlip" not in names, names
+
+
+def pipelines_config(cifar_dir, **changes):
+    """A training script's data settings over the 300-image cifar_dir."""
+    config = {**data.CONFIG, "DATA_DIR": str(cifar_dir), "IMG_SIZE": 32}
+    return {**config, "BATCH_SIZE": 1024, "STEPS_PER_EPOCH": 0, **changes}
+
+
+def test_batch_is_at_most_an_eighth_of_the_training_images(cifar_dir):
+    """200 images, 20% of them held out: 160 train, so a batch of 1,024 becomes 20
+    (8 steps an epoch, not one); a smaller BATCH_SIZE stays; with several replicas
+    the batch is the nearest multiple of their count, which each pipeline yields."""
+    config = pipelines_config(cifar_dir, TRAIN_IMAGES=200, VAL_FRACTION=0.2)
+    pipelines = data.pipelines_for(config, (0.0, 1.0))
+    assert pipelines.sizes == {"train": 160, "validation": 40, "test": 100}
+    assert pipelines.batch_size == 20
+    assert pipelines.steps_per_epoch == 8 and pipelines.fit_steps is None
+    assert pipelines.images_per_epoch == 160
+    assert pipelines.train_images.shape == (160, 32, 32, 3)
+    assert pipelines.train_images.dtype == np.uint8
+    for dataset in (pipelines.train, pipelines.validation, pipelines.test):
+        images, onehot = next(iter(dataset))
+        assert images.shape == (20, 32, 32, 3) and onehot.shape == (20, 10)
+    assert len(list(pipelines.train)) == 8
+    for batch_size, replicas, expected in ((16, 1, 16), (1024, 3, 21), (16, 3, 15)):
+        config = pipelines_config(
+            cifar_dir, TRAIN_IMAGES=200, VAL_FRACTION=0.2, BATCH_SIZE=batch_size
+        )
+        pipelines = data.pipelines_for(config, (0.0, 1.0), replicas=replicas)
+        assert pipelines.batch_size == expected, (batch_size, replicas)
+        images, _ = next(iter(pipelines.train))
+        assert len(images) == expected
+    # STEPS_PER_EPOCH: the training pipeline repeats, an epoch is that many batches.
+    config = pipelines_config(cifar_dir, TRAIN_IMAGES=200, STEPS_PER_EPOCH=3)
+    pipelines = data.pipelines_for(config, (0.0, 1.0))
+    assert pipelines.batch_size == 22  # 180 training images
+    assert pipelines.fit_steps == pipelines.steps_per_epoch == 3
+    assert pipelines.images_per_epoch == 66
+    assert len(list(pipelines.train.take(20))) == 20
+
+
+def write_png(path, seed, size=(20, 12)):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_decoding_drops_only_tensorflows_decode_notices(tmp_path, monkeypatch, capfd):
+    """While images decode, stderr loses TensorFlow's notice about an image that does
+    not decode (the error names the file instead) and nothing else: a line another
+    library writes to file descriptor 2 meanwhile still reaches the terminal."""
+    files = [write_png(tmp_path / f"{index}.png", index) for index in range(3)]
+    resize = data.tf.image.resize
+
+    def resize_and_complain(*args, **kwargs):  # runs as decoding is traced
+        os.write(2, b"libexample: error: a real problem, said from C\n")
+        os.write(
+            2,
+            b"W0000 00:00:1.0  99 op_kernel.cc:1857] OP_REQUIRES failed at "
+            b"decode_image_op.cc:470 : INVALID_ARGUMENT: stand-in notice\n",
+        )
+        return resize(*args, **kwargs)
+
+    monkeypatch.setattr(data.tf.image, "resize", resize_and_complain)
+    images = data.decode_images(files, image_size=8)
+    assert images.shape == (3, 8, 8, 3)
+    stderr = capfd.readouterr().err
+    assert "libexample: error: a real problem, said from C" in stderr, stderr
+    assert "stand-in notice" not in stderr, stderr
+    monkeypatch.undo()
+    # A truncated JPEG: the DataError names it, and the lines libjpeg and TensorFlow
+    # print about it are gone (as a command: test_folders, one line on stderr).
+    broken = tmp_path / "broken.jpg"
+    Image.open(files[1]).save(broken)
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(settings.DataError, match=rf"{broken}: not a readable image"):
+        data.decode_images([*files, str(broken)], image_size=8)
+    stderr = capfd.readouterr().err
+    assert own_stderr_lines(stderr) == [] and "INVALID_ARGUMENT" not in stderr, stderr
 
 
 # ---------------------------------------------------------------------------------
