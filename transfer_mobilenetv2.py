@@ -164,8 +164,8 @@ def resolve_weights(weights, alpha, image_size):
         reason = str(error).rsplit(" -- ", 1)[-1][:100] or type(error).__name__
         raise settings.DataError(
             f"the MobileNetV2 ImageNet weights for alpha {alpha} are not in the Keras "
-            f"cache and the download failed ({reason}).\nPut {names[0]} (any size's file "
-            f"works) from {IMAGENET_URL} in {models_dir}/, or pass --weights=imagenet|PATH|none"
+            f"cache and the download failed ({reason}).\nDownload {IMAGENET_URL}{names[0]} "
+            f"(any size's file works) into {models_dir}/, or pass --weights=PATH or none"
         ) from None
 
 

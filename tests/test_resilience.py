@@ -1,10 +1,9 @@
 """Runs that survive interruption, crashes, divergence, resumes and several devices.
 
 Real runs on the tiny data sets of conftest.py: Ctrl-C is SIGINT (or `kill`'s
-SIGTERM) sent to a child process once its run folder shows the chosen epoch
-finished, a crash is a file-size limit put on a running child (a full disk),
-divergence an absurd learning rate, and several GPUs are logical CPU devices in a
-child process.
+SIGTERM) sent to a child process paused after its first epoch, a crash is a file-size
+limit put on a paused child (a full disk), divergence a weight turned NaN at a chosen
+step, and several GPUs are logical CPU devices in a child process.
 """
 
 import hashlib
@@ -22,58 +21,72 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import OFFLINE_ENV, REPO, TINY_RUN, own_stderr_lines, run_script
+from conftest import OFFLINE_ENV, REPO, own_stderr_lines, run_script
+from test_transfer import ALPHA, EVEN_BATCH, save_imagenet_style_weights
 
+import data
 import scratch_cnn
 import settings
 import training
 import transfer_mobilenetv2 as transfer
 
+# Each run as small as it can be: 2 steps an epoch, batches that divide the
+# validation and test sets (no second trace of the network), no progress bar.
+SHORT_RUN = ["--steps_per_epoch=2", f"--batch_size={EVEN_BATCH}", "--verbose=0"]
+SCRATCH_TINY = ["--width=8", "--tta=none"]  # the smallest scratch CNN, one test pass
 
 
-def transfer_tiny(base_weights):
-    """Two phases need pretrained weights: conftest's stand-in, at 32 px."""
-    return [f"--weights={base_weights}", "--img_size=32"]
-
-SHORT_EPOCHS = ["--steps_per_epoch=2"]  # 2 batches of 32 a training epoch
+@pytest.fixture(scope="module")
+def pretrained_tiny(tmp_path_factory):
+    """Two phases need pretrained weights: a stand-in alpha-0.35 file at 32 px."""
+    path = tmp_path_factory.mktemp("weights") / "stand-in_no_top.h5"
+    save_imagenet_style_weights(path)
+    return [f"--weights={path}", f"--alpha={ALPHA}", "--img_size=32"]
 
 
 # Runs a training script as __main__, as `python script.py ...` would, except that
-# once its first epoch is backed up it waits there: the test's Ctrl-C (SIGINT) lands
-# in that wait, never after a tiny run has already finished on a busy machine.
+# once its first epoch is backed up it waits there until the file go_on(out_dir)
+# exists: the test's Ctrl-C, SIGTERM or full disk lands in that wait, never after a
+# tiny run has already finished on a busy machine.
 PAUSE_AFTER_FIRST_EPOCH = textwrap.dedent("""
-    import runpy, sys, time
+    import pathlib, runpy, sys, time
     sys.path.insert(0, sys.argv[1])
     import training
+    go_on = pathlib.Path(sys.argv[2])
     back_up_epoch = training.Backup.on_epoch_end
     def back_up_then_wait(self, epoch, logs=None):
         back_up_epoch(self, epoch, logs)
-        if epoch == 0:
-            time.sleep(600)
+        deadline = time.monotonic() + 600
+        while epoch == 0 and not go_on.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     training.Backup.on_epoch_end = back_up_then_wait
-    sys.argv = sys.argv[2:]
+    sys.argv = sys.argv[3:]
     runpy.run_path(sys.argv[0], run_name="__main__")
     """)
 
 
-def start(script, out_dir, *args, pause_after_first_epoch=False):
-    """A training script as a child process, its output going to files in out_dir
-    (a full pipe would stall it); paused after its first epoch if asked."""
+def go_on(out_dir):
+    """The file that lets a child paused after its first epoch go on."""
+    return out_dir / "go-on"
+
+
+def start(script, out_dir, *args):
+    """A training script as a child process, paused after its first epoch, its
+    output going to files in out_dir (a full pipe would stall it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pause = ["-c", PAUSE_AFTER_FIRST_EPOCH, str(REPO)] if pause_after_first_epoch else []
     return subprocess.Popen(
-        [sys.executable, *pause, str(REPO / script), f"--out_dir={out_dir}", *args,
-         *TINY_RUN],  # fmt: skip
-        cwd=REPO,
-        env={**os.environ, **OFFLINE_ENV},
+        [sys.executable, "-c", PAUSE_AFTER_FIRST_EPOCH, str(REPO), str(go_on(out_dir)),
+         str(REPO / script), f"--out_dir={out_dir}", *args, *SHORT_RUN],
+        cwd=REPO, env={**os.environ, **OFFLINE_ENV},
         stdout=(out_dir / "stdout.txt").open("w"),
         stderr=(out_dir / "stderr.txt").open("w"),
-    )  # Python ignores SIGXFSZ: past a file-size limit a write fails with EFBIG
+    )  # fmt: skip
+    # (Python ignores SIGXFSZ: past a file-size limit a write fails with EFBIG.)
 
 
-def wait_for_epochs(process, out_dir, script, count, timeout=600):
-    """The child's run folder once `count` epochs are in its history and its
-    backup: the state a Ctrl-C between two epochs leaves."""
+def wait_for_first_epoch(process, out_dir, script, timeout=600):
+    """The child's run folder once its first epoch is in its history and its backup:
+    the state a Ctrl-C between two epochs leaves."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, (out_dir / "stderr.txt").read_text()[-2000:]
@@ -82,12 +95,11 @@ def wait_for_epochs(process, out_dir, script, count, timeout=600):
                 json.loads(path.read_text())["epoch"]
                 for path in (run_dir / "backup").glob("*/training_metadata.json")
             ]
-            rows = len(training.read_history(run_dir))
-            if rows >= count and max(backed_up, default=0) >= count:
+            if training.read_history(run_dir) and max(backed_up, default=0) >= 1:
                 return run_dir
         time.sleep(0.05)
     process.kill()
-    raise AssertionError(f"no epoch {count} within {timeout} s")
+    raise AssertionError(f"no first epoch within {timeout} s")
 
 
 def interrupt(process, out_dir, signum=signal.SIGINT):
@@ -114,17 +126,24 @@ def backup_weights(run_dir):
     return sorted((run_dir / "backup").glob("*/latest.weights.h5"))
 
 
-def float_arrays(path):
-    """Every floating-point array in an .h5 weights file (h5py raises if the file
-    is truncated)."""
-    arrays = []
-    with h5py.File(path, "r") as file:
-        file.visititems(
-            lambda name, item: arrays.append(item)
+def float_names(file):
+    """The names of the floating-point arrays in an open .h5 weights file."""
+    names = []
+    file.visititems(
+        lambda name, item: (
+            names.append(name)
             if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
             else None
         )
-        return [array[()] for array in arrays]
+    )
+    return names
+
+
+def float_arrays(path):
+    """Every floating-point array in an .h5 weights file (h5py raises if the file
+    is truncated)."""
+    with h5py.File(path, "r") as file:
+        return [file[name][()] for name in float_names(file)]
 
 
 def all_finite(arrays):
@@ -136,28 +155,25 @@ def all_finite(arrays):
 
 
 def test_resume_in_the_head_phase_starts_fine_tuning_at_its_own_epoch(
-    cifar_dir, tmp_path, base_weights
+    cifar_dir, tmp_path, pretrained_tiny
 ):
-    """Ctrl-C in the head phase (4 epochs), once its first epoch is backed up; the
-    resumed run finishes the head and trains the one fine-tuning epoch as epoch 5,
+    """Ctrl-C in the head phase (2 epochs), once its first epoch is backed up; the
+    resumed run finishes the head and trains the one fine-tuning epoch as epoch 3,
     each epoch once (Keras's BackupAndRestore leaves the head's restored epoch in
-    model._initial_epoch, which fit would use for fine-tuning)."""
+    model._initial_epoch, which fit would use for fine-tuning: epochs 2 and 3)."""
     child = start(
         "transfer_mobilenetv2.py", tmp_path, f"--data_dir={cifar_dir}",
-        "--head_epochs=4", "--fine_tune_epochs=1", *transfer_tiny(base_weights),
-        *SHORT_EPOCHS, pause_after_first_epoch=True,
+        "--head_epochs=2", "--fine_tune_epochs=1", *pretrained_tiny,
     )  # fmt: skip
-    run_dir = wait_for_epochs(child, tmp_path, transfer.SCRIPT, 1)
+    run_dir = wait_for_first_epoch(child, tmp_path, transfer.SCRIPT)
     interrupt(child, tmp_path)
     assert not (run_dir / "backup" / "fine_tune").exists()
 
     assert transfer.main([f"--resume={run_dir}", "--verbose=0"]) == run_dir
-    assert epochs_and_phases(run_dir) == [
-        (0, "head"), (1, "head"), (2, "head"), (3, "head"), (4, "fine_tune"),
-    ]  # fmt: skip
+    assert epochs_and_phases(run_dir) == [(0, "head"), (1, "head"), (2, "fine_tune")]
     history = training.read_history(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 5
+    assert metrics["epochs"] == 3
     assert metrics["train_seconds"] == pytest.approx(
         sum(row["epoch_seconds"] for row in history), abs=0.1
     )
@@ -167,23 +183,25 @@ def test_resume_in_the_head_phase_starts_fine_tuning_at_its_own_epoch(
 # 2. A crash while an epoch's files are written loses nothing
 
 
-def test_a_crash_writing_an_epoch_keeps_checkpoint_and_backup_whole(
-    cifar_dir, tmp_path
-):
+def test_a_crash_writing_an_epoch_keeps_checkpoint_and_backup_whole(cifar_dir, tmp_path):
     """Once epoch 1 is saved, the disk 'fills up' (a file-size limit smaller than
-    the checkpoint and the backup, put on the running child): epoch 2's writes
-    fail. Checkpoint and backup stay whole, and the resumed run ends with every
-    epoch in the history exactly once."""
+    the checkpoint and the backup, put on the paused child): epoch 2's writes fail.
+    Checkpoint and backup stay whole, and the resumed run ends with every epoch in
+    the history exactly once."""
     child = start(
         "scratch_cnn.py", tmp_path, f"--data_dir={cifar_dir}", "--epochs=4",
-        "--width=8",
+        *SCRATCH_TINY,
     )  # fmt: skip
-    run_dir = wait_for_epochs(child, tmp_path, scratch_cnn.SCRIPT, 1)
-    limit = min(
-        (run_dir / "model.keras").stat().st_size,
-        (run_dir / "backup" / "train" / "latest.weights.h5").stat().st_size,
-    ) // 2
+    run_dir = wait_for_first_epoch(child, tmp_path, scratch_cnn.SCRIPT)
+    limit = (
+        min(
+            (run_dir / "model.keras").stat().st_size,
+            (run_dir / "backup" / "train" / "latest.weights.h5").stat().st_size,
+        )
+        // 2
+    )
     resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    go_on(tmp_path).touch()
     assert child.wait(timeout=300) not in (0, 130)
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "File too large" in stderr, stderr[-2000:]
@@ -202,39 +220,68 @@ def test_a_crash_writing_an_epoch_keeps_checkpoint_and_backup_whole(
 # 3. A diverged run keeps its last finite state and never resumes from NaN
 
 
+class NaNAt(keras.callbacks.Callback):
+    """Turns the classifier's kernel to NaN before training batch `batch` of epoch
+    `epoch` (both 0-based), as an exploding step leaves weights: a divergence at a
+    known step on every machine (when an absurd learning rate overflows depends on
+    the CPU's arithmetic). Records each epoch begun and the kernel it began with."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.begun, self.kernels = (epoch, batch), [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begun.append(epoch)
+        self.kernels.append(self.model.get_layer("classes").kernel.numpy())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.begun[-1], batch) == self.at:
+            kernel = self.model.get_layer("classes").kernel
+            kernel.assign(np.full(kernel.shape, np.nan, kernel.dtype))
+
+
 def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
-    cifar_dir, tmp_path, base_weights
+    cifar_dir, tmp_path, pretrained_tiny, monkeypatch
 ):
-    """The head trains normally; fine-tuning at a learning rate of 1e30 turns the
-    weights to inf within a step. The run stops naming the epoch, with no NaN in
-    its history, checkpoint or backups; a resume starts again from the head's
-    finite state (and diverges again at the same epoch: same settings)."""
+    """Two head epochs then fine-tuning; in epoch 2 the weights turn NaN at its
+    second step. The run stops naming epoch 2, with no NaN in its history,
+    checkpoint or backup (epoch 1's, which a NaN epoch 2 would overwrite); a resume
+    goes on from that finite state, changing no file, and diverges again at the
+    same step. (In the head phase: it traces the network at a fraction of the
+    fine-tuning phase's cost, and the guard does not care which phase runs.)"""
+    nan_at = NaNAt(epoch=1, batch=1)
+    fit = training.fit
+
+    def fit_with_nan(*args, callbacks=(), **kwargs):
+        return fit(*args, callbacks=(*callbacks, nan_at), **kwargs)
+
+    monkeypatch.setattr(training, "fit", fit_with_nan)
     args = [
-        f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=1",
-        "--fine_tune_epochs=2", "--fine_tune_lr=1e30", *transfer_tiny(base_weights),
-        *SHORT_EPOCHS,
-        *TINY_RUN,
+        f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}", "--head_epochs=2",
+        "--fine_tune_epochs=1", *pretrained_tiny, *SHORT_RUN,
     ]  # fmt: skip
     with pytest.raises(settings.ConfigError, match="diverged in epoch 2") as error:
         transfer.main(args)
     assert "after epoch 1, the last finite one" in str(error.value)
     assert "lower learning rate" in str(error.value)
+    assert nan_at.begun == [0, 1]
     (run_dir,) = (tmp_path / transfer.SCRIPT).iterdir()
 
-    def assert_last_finite_state():
-        assert epochs_and_phases(run_dir) == [(0, "head")]
-        row = training.read_history(run_dir)[0]
-        assert np.isfinite([row["loss"], row["val_loss"]]).all()
-        model = keras.models.load_model(run_dir / "model.keras")
-        assert all_finite(model.get_weights())
-        assert [path.parent.name for path in backup_weights(run_dir)] == ["head"]
-        assert all_finite(float_arrays(backup_weights(run_dir)[0]))
-        assert not (run_dir / "metrics.json").exists()
-
-    assert_last_finite_state()
+    assert epochs_and_phases(run_dir) == [(0, "head")]
+    row = training.read_history(run_dir)[0]
+    assert np.isfinite([row["loss"], row["val_loss"]]).all()
+    assert all_finite(keras.models.load_model(run_dir / "model.keras").get_weights())
+    assert [path.parent.name for path in backup_weights(run_dir)] == ["head"]
+    assert all_finite(float_arrays(backup_weights(run_dir)[0]))
+    assert not (run_dir / "metrics.json").exists()
+    before, after_epoch_1 = fingerprint(run_dir), nan_at.kernels[1]
+    nan_at.begun.clear()
+    nan_at.kernels.clear()
     with pytest.raises(settings.ConfigError, match="diverged in epoch 2"):
         transfer.main([f"--resume={run_dir}", "--verbose=0"])
-    assert_last_finite_state()
+    assert nan_at.begun == [1]  # epoch 1 restored from the backup, not trained
+    np.testing.assert_array_equal(nan_at.kernels[0], after_epoch_1)
+    assert fingerprint(run_dir) == before  # still the last finite state
 
 
 # ---------------------------------------------------------------------------------
@@ -242,18 +289,18 @@ def test_divergence_keeps_the_last_finite_state_and_resume_starts_from_it(
 
 
 def test_early_stopping_counts_the_epochs_before_a_resume(cifar_dir, tmp_path):
-    """With a learning rate of 0 and frozen BatchNorm statistics the model never
-    changes, so val_accuracy never improves after epoch 1 and a patience of 3 ends
-    the run after epoch 4. A stop after epoch 1 must not restart the count; the stop
-    here is SIGTERM (`kill`), which must act as Ctrl-C does."""
+    """With a learning rate of 0, frozen BatchNorm statistics and no lookahead the
+    model never changes, so val_accuracy never improves after epoch 1 and a patience
+    of 3 ends the run after epoch 4. A stop after epoch 1 must not restart the
+    count; the stop here is SIGTERM (`kill`), which must act as Ctrl-C does."""
     child = start(
         "scratch_cnn.py", tmp_path, f"--data_dir={cifar_dir}", "--epochs=10",
-        "--width=8", "--learning_rate=0.0", "--batchnorm_momentum=1.0",
-        "--early_stopping_patience=3", pause_after_first_epoch=True,
+        *SCRATCH_TINY, "--learning_rate=0.0", "--batchnorm_momentum=1.0",
+        "--lookahead=False", "--early_stopping_patience=3",
     )  # fmt: skip
-    run_dir = wait_for_epochs(child, tmp_path, scratch_cnn.SCRIPT, 1)
+    run_dir = wait_for_first_epoch(child, tmp_path, scratch_cnn.SCRIPT)
     interrupt(child, tmp_path, signal.SIGTERM)
-    assert len(training.read_history(run_dir)) < 4
+    assert len(training.read_history(run_dir)) == 1
 
     assert scratch_cnn.main([f"--resume={run_dir}", "--verbose=0"]) == run_dir
     history = training.read_history(run_dir)
@@ -267,19 +314,30 @@ def test_early_stopping_counts_the_epochs_before_a_resume(cifar_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "batch_size, replicas, global_batch",
-    [(64, 1, 64), (64, 2, 64), (64, 3, 63), (32, 3, 33), (64, 5, 65), (64, 6, 66),
-     (64, 7, 63), (2, 4, 4), (0, 3, 0)],
-)  # fmt: skip
-def test_global_batch_is_a_multiple_of_the_replicas(batch_size, replicas, global_batch):
-    assert training.global_batch_size(batch_size, replicas) == global_batch
+    "batch_size, replicas, batch",
+    [(16, 1, 16), (16, 3, 15), (32, 3, 33), (64, 1, 33), (64, 5, 35), (2, 4, 4)],
+)
+def test_batch_is_at_most_an_eighth_of_the_images_split_evenly(
+    cifar_dir, batch_size, replicas, batch
+):
+    """270 training images: BATCH_SIZE, at most 33 (an eighth), rounded to the
+    nearest multiple of the replicas, and at least one image for each."""
+    config = {**scratch_cnn.CONFIG, "DATA_DIR": str(cifar_dir), "BATCH_SIZE": batch_size}
+    pipelines = data.pipelines_for(config, scratch_cnn.VALUE_RANGE, replicas)
+    assert pipelines.sizes["train"] == 270
+    assert pipelines.batch_size == batch
 
 
-def test_mixed_precision_is_bfloat16_on_several_replicas():
-    assert training.precision_policy(False, 1) == "float32"
-    assert training.precision_policy(False, 4) == "float32"
-    assert training.precision_policy(True, 1) == "mixed_float16"
-    assert training.precision_policy(True, 2) == "mixed_bfloat16"
+def test_mixed_precision_is_bfloat16_on_several_replicas_and_cpus():
+    policy = training.precision_policy
+    assert policy("off", 1, []) == "float32"
+    assert policy("off", 4, ["GPU"] * 4) == "float32"
+    assert policy("on", 1, ["GPU"]) == "mixed_float16"
+    assert policy("on", 2, ["GPU"] * 2) == "mixed_bfloat16"  # no loss scaling
+    assert policy("on", 1, []) == "mixed_bfloat16"  # a CPU has no fast float16
+    assert policy("auto", 1, ["GPU"]) == "mixed_float16"
+    assert policy("auto", 1, [], ("avx512f",)) == "float32"
+    assert policy("auto", 1, [], ("avx512f", "amx_bf16")) == "mixed_bfloat16"
 
 
 def test_three_replicas_train_in_bfloat16_on_an_even_batch_split(cifar_dir, tmp_path):
@@ -301,14 +359,14 @@ def test_three_replicas_train_in_bfloat16_on_an_even_batch_split(cifar_dir, tmp_
         """)
     result = subprocess.run(
         [sys.executable, "-c", script, f"--data_dir={cifar_dir}", f"--out_dir={tmp_path}",
-         "--epochs=1", "--width=8", "--steps_per_epoch=2", "--mixed_precision=True",
-         *TINY_RUN],
+         "--epochs=1", *SCRATCH_TINY, "--steps_per_epoch=1", "--batch_size=32",
+         "--mixed_precision=on", "--verbose=0"],
         env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600,
+        check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "3 replica(s)" in result.stdout
-    assert "batch_size = 33  (rounded from 32" in result.stdout
-    assert "mixed_bfloat16 on 3 replicas" in result.stdout
+    assert "3 replica(s), batch 33" in result.stdout
+    assert "precision: mixed_bfloat16" in result.stdout
     (run_dir,) = (tmp_path / "scratch_cnn").iterdir()
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert config["BATCH_SIZE"] == 33
@@ -331,13 +389,7 @@ def truncate(path):
 def fill_with_nan(path):
     """One weight array of the file set to NaN, as a diverged run saved it."""
     with h5py.File(path, "r+") as file:
-        arrays = []
-        file.visititems(
-            lambda name, item: arrays.append(name)
-            if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
-            else None
-        )
-        file[arrays[0]][...] = np.nan
+        file[float_names(file)[0]][...] = np.nan
 
 
 DAMAGE = {
@@ -371,7 +423,7 @@ def unfinished_run(scratch_run, tmp_path):
     backup.mkdir(parents=True)
     model = keras.models.load_model(run_dir / "model.keras")
     model.save_weights(backup / "latest.weights.h5")
-    training.write_json(backup / "training_metadata.json", {"epoch": 3, "batch": 0})
+    settings.write_json(backup / "training_metadata.json", {"epoch": 3, "batch": 0})
     training.check_resumable(run_dir, scratch_cnn.SCRIPT)  # whole, it passes
     return run_dir
 

@@ -86,11 +86,14 @@ def second_run(scratch_run, cifar_dir, tmp_path_factory):
     seen = {}
     real_fit = training.fit
 
-    def recording_fit(model, train_data, validation_data, run_dir, **kwargs):
-        seen["schedule"] = model.optimizer.get_config()["learning_rate"]["config"]
-        seen["train"] = next(iter(train_data))[0].numpy()
-        seen["validation"] = next(iter(validation_data))[0].numpy()
-        return real_fit(model, train_data, validation_data, run_dir, **kwargs)
+    def recording_fit(model, pipelines, run_dir, **kwargs):
+        schedule = model.optimizer.get_config()["learning_rate"]["config"]
+        seen["schedule"] = training.WarmupThenDecay(**schedule)
+        seen["steps"] = pipelines.steps_per_epoch
+        seen["batch_size"] = pipelines.batch_size
+        seen["train"] = next(iter(pipelines.train))[0].numpy()
+        seen["validation"] = next(iter(pipelines.validation))[0].numpy()
+        return real_fit(model, pipelines, run_dir, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "fit", recording_fit)
@@ -207,19 +210,75 @@ def test_batches_reaching_the_model_lie_in_zero_one(second_run):
         assert images.min() < 0.1 and images.max() > 0.9  # uses the range, not a sliver
 
 
-def test_a_short_run_peaks_at_a_proportionally_lower_rate(second_run):
-    """The 1,000-image regression: 64 steps, 16 of them warm-up to 0.05, blew the run
-    up (13.9% test accuracy on CIFAR-10). A run of fewer than FULL_RATE_STEPS steps
-    peaks at LEARNING_RATE x its steps / FULL_RATE_STEPS; config.json says which."""
-    run_dir, schedule = second_run[2], second_run[3]["schedule"]
-    # One epoch (9 steps): the 2-epoch warm-up is capped at the run's length.
-    steps = schedule["warmup_steps"]
-    assert steps == 9 and schedule["decay_steps"] == 1
-    assert steps < scratch_cnn.FULL_RATE_STEPS
-    expected = scratch_cnn.LEARNING_RATE * steps / scratch_cnn.FULL_RATE_STEPS
-    assert schedule["warmup_target"] == pytest.approx(expected)
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["peak_learning_rate"] == pytest.approx(expected)
-    # A full CIFAR-10 run (8 epochs of 352 steps) peaks at LEARNING_RATE; 0 = off.
-    assert scratch_cnn.peak_learning_rate(0.05, 8 * 352, 256) == 0.05
-    assert scratch_cnn.peak_learning_rate(0.05, 64, 0) == 0.05
+def test_the_schedule_is_airbench_s_scaled_to_the_batch(second_run):
+    """A linear rise from 0.2 of the peak over 23% of the steps, then a linear fall to
+    0.07 of it; the peak is LEARNING_RATE for a batch of 1,024, scaled by the batch."""
+    schedule, steps, batch = (second_run[3][key] for key in ("schedule", "steps", "batch_size"))
+    peak = scratch_cnn.LEARNING_RATE * batch / 1024
+    assert schedule.total_steps == steps  # one epoch
+    rates = [float(schedule(step)) for step in range(steps + 1)]
+    assert rates[0] == pytest.approx(0.2 * peak)
+    assert max(rates) == pytest.approx(peak)
+    assert rates[-1] == pytest.approx(0.07 * peak)
+    assert schedule.warmup_steps == round(0.23 * steps)
+
+
+def test_whitening_filters_whiten_the_patches_they_come_from():
+    rng = np.random.default_rng(0)
+    # Correlated channels and neighbours, as in real images.
+    base = rng.normal(size=(64, 9, 9, 1)).astype(np.float32)
+    images = np.concatenate([base, 0.8 * base + 0.2 * rng.normal(size=base.shape)], -1)
+    images = images + np.roll(images, 1, axis=1)
+    kernel = scratch_cnn.whitening_filters(images, epsilon=1e-6)
+    assert kernel.shape == (2, 2, 2, 16)
+    np.testing.assert_allclose(kernel[..., 8:], -kernel[..., :8])  # and their negatives
+    windows = np.lib.stride_tricks.sliding_window_view(images, (2, 2), axis=(1, 2))
+    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 8)
+    whitened = patches @ kernel[..., :8].reshape(8, 8)
+    covariance = whitened.T @ whitened / len(whitened)
+    np.testing.assert_allclose(covariance, np.eye(8), atol=1e-3)
+
+
+def test_dirac_init_passes_the_first_channels_through():
+    kernel = scratch_cnn.dirac_kernel(np.ones((3, 3, 4, 6), np.float32))
+    x = np.random.default_rng(0).normal(size=(1, 5, 5, 4)).astype(np.float32)
+    y = keras.ops.conv(x, kernel, padding="same").numpy()
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+    assert not np.allclose(y[..., 4:], 0)  # the other filters keep their start
+
+
+def test_a_fast_bias_moves_rate_factor_times_as_far_under_sgd():
+    moves = []
+    for factor in (1.0, 64.0):
+        layer = training.Bias(rate_factor=factor)
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, layer(inputs))
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.85, nesterov=True), "mse")
+        x, y = np.zeros((8, 3), np.float32), np.ones((8, 3), np.float32)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        moves.append(layer.bias.numpy())
+        np.testing.assert_allclose(model(x).numpy(), x + layer.bias.numpy(), atol=1e-6)
+    np.testing.assert_allclose(moves[1], 64 * moves[0], rtol=1e-5)
+
+
+def test_lookahead_ends_on_its_moving_average():
+    """Every 5 steps the weights jump to their moving average; after the last step
+    they are that average, not the last step's weights."""
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 2)), rng.normal(size=(64, 1))
+    lookahead = scratch_cnn.Lookahead(total_steps=8, every=5, decay=0.5)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append([w.numpy().copy() for w in self.model.weights])
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[lookahead, Record()])
+    assert len(seen) == 8
+    for weights, average in zip(seen[-1], lookahead.average):
+        np.testing.assert_allclose(weights, average)
+    # Between the jumps the weights train freely: step 6 differs from its average.
+    assert not np.allclose(seen[5][0], seen[4][0])
