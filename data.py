@@ -1,13 +1,10 @@
 """CIFAR-10, or class folders of one's own images, for every script: find it, read it
-safely, split it, and stream it through tf.data as uint8 that is augmented, resized and
-scaled one batch at a time.
+safely, split it, and stream it through tf.data as uint8, augmented, resized and scaled
+a batch at a time. Run alone: counts per split, plots/samples.png and augmented.png.
 
-    python data.py                           # where the data came from, counts, figures
-    python data.py --data_dir=~/data         # a folder with cifar-10-batches-py/ or the .tar.gz
-    python data.py --data_dir=~/photos       # class folders: train/<class>/<images>
-
-Writes plots/samples.png (random training images) and plots/augmented.png (the same
-images augmented and resized to 96 px, as MobileNetV2 sees them).
+    python data.py                      # where the data came from, counts, figures
+    python data.py --data_dir=~/data    # a folder with cifar-10-batches-py/ or .tar.gz
+    python data.py --data_dir=~/photos  # class folders: train/<class>/<images>
 """
 
 import settings
@@ -19,6 +16,7 @@ import os
 import pickle
 import tarfile
 import time
+from collections import namedtuple
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,18 +82,12 @@ def check_config(config):
 
 
 def keras_home():
-    """The folder Keras caches downloads in, chosen as Keras chooses it: $KERAS_HOME,
-    else ~/.keras, and /tmp/.keras when that is not writable."""
+    """Keras's download cache, as Keras picks it: $KERAS_HOME, ~/.keras or /tmp/.keras."""
     home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
-    if "KERAS_HOME" not in os.environ and not os.access(Path.home(), os.W_OK):
-        home = Path("/tmp/.keras")
-    if home.exists() and not os.access(home, os.W_OK):
-        home = Path("/tmp/.keras")
+    no_home = "KERAS_HOME" not in os.environ and not os.access(Path.home(), os.W_OK)
+    if no_home or (home.exists() and not os.access(home, os.W_OK)):
+        return Path("/tmp/.keras")
     return home
-
-
-def keras_datasets_dir():
-    return keras_home() / "datasets"
 
 
 def find_source(path):
@@ -113,12 +105,9 @@ def find_source(path):
 
 
 def load_cifar10(data_dir=""):
-    """(train images, train labels, test images, test labels, source): images uint8
-    (N, 32, 32, 3), labels int32 (N,)."""
-    for origin, where in (
-        ("--data_dir", data_dir),
-        ("CIFAR10_DIR", os.environ.get("CIFAR10_DIR")),
-    ):
+    """(train images, train labels, test images, test labels, source), uint8 and int32."""
+    given = {"--data_dir": data_dir, "CIFAR10_DIR": os.environ.get("CIFAR10_DIR")}
+    for origin, where in given.items():
         if where:
             source = find_source(where)
             if source is None:
@@ -127,14 +116,11 @@ def load_cifar10(data_dir=""):
                     f"its batch files, or {ARCHIVE_NAME}"
                 )
             return (*read_cifar10(source), str(source))
-    datasets = keras_datasets_dir()
+    datasets = keras_home() / "datasets"
     # Where keras.datasets.cifar10 leaves the batches: Keras >= 3.6, then older ones.
-    for cached in (
-        datasets / "cifar-10-batches-py-target" / BATCHES_FOLDER,
-        datasets / BATCHES_FOLDER,
-    ):
-        if (cached / TEST_BATCH).exists():
-            return (*read_cifar10(cached), str(cached))
+    for cached in (datasets / f"{BATCHES_FOLDER}-target", datasets):
+        if (cached / BATCHES_FOLDER / TEST_BATCH).exists():
+            return (*read_cifar10(cached / BATCHES_FOLDER), str(cached / BATCHES_FOLDER))
     if (datasets / ARCHIVE_NAME).is_file():
         return (*read_cifar10(datasets / ARCHIVE_NAME), str(datasets / ARCHIVE_NAME))
     try:  # offline, Keras fails with a long traceback: say what to do instead
@@ -154,24 +140,19 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     """Batch files are pickles: this refuses every global but the few numpy needs to
     rebuild an array, so a crafted batch file cannot run code."""
 
-    ALLOWED = {
-        (module, name)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    } | {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
+    ALLOWED = frozenset({  # numpy 1's numpy.core.* is numpy 2's numpy._core.*
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
         ("_codecs", "encode"),  # Python 3 pickles of bytes at protocol 2
-    }
+    })  # fmt: skip
 
     def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
+        numpy_2 = module.replace("numpy.core", "numpy._core", 1)
+        if (numpy_2, name) not in self.ALLOWED:
             raise settings.DataError(
                 f"refused to load {module}.{name}, which could run code"
             )
-        return super().find_class(module.replace("numpy.core", "numpy._core", 1), name)
+        return super().find_class(numpy_2, name)
 
 
 def parse_batch(raw, name):
@@ -192,23 +173,19 @@ def parse_batch(raw, name):
         raise bad(f"truncated or corrupt ({detail}); download it again") from None
     if not isinstance(batch, dict):
         raise bad(f"expected a dict, found {type(batch).__name__}")
-    batch = {
-        key.decode() if isinstance(key, bytes) else key: value
-        for key, value in batch.items()
-    }
+    keys = [key.decode() if isinstance(key, bytes) else key for key in batch]
+    batch = dict(zip(keys, batch.values()))
     if "data" not in batch or "labels" not in batch:
         raise bad("no 'data' and 'labels' entries")
     pixels, labels = batch["data"], np.asarray(batch["labels"])
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
-        raise bad(
-            f"data must be a uint8 array, found {getattr(pixels, 'dtype', type(pixels).__name__)}"
-        )
+        found = getattr(pixels, "dtype", type(pixels).__name__)
+        raise bad(f"data must be a uint8 array, found {found}")
     if pixels.ndim != 2 or pixels.shape[1] != 3 * NATIVE_SIZE**2:
         raise bad(f"data must have shape (N, 3072), found {pixels.shape}")
     if labels.shape != (len(pixels),) or not np.issubdtype(labels.dtype, np.integer):
-        raise bad(
-            f"expected {len(pixels)} integer labels, found shape {labels.shape} {labels.dtype}"
-        )
+        found = f"found shape {labels.shape} {labels.dtype}"
+        raise bad(f"expected {len(pixels)} integer labels, {found}")
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise bad(f"labels must lie in 0..9, found {labels.min()}..{labels.max()}")
     # Rows are stored channel-first (1024 red, 1024 green, 1024 blue): to NHWC.
@@ -217,48 +194,35 @@ def parse_batch(raw, name):
 
 
 def read_cifar10(source):
-    """The five training batches and the test batch, from a batches folder or from the
-    .tar.gz archive (read without extracting it)."""
-    source = Path(source)
+    """The batches' arrays, from a batches folder or the .tar.gz (read, not extracted)."""
+    source, names, batches = Path(source), (*TRAIN_BATCHES, TEST_BATCH), []
     if source.is_dir():
-
-        def read(name):
-            path = source / name
+        for path in (source / name for name in names):
             if not path.is_file():
-                raise settings.DataError(
-                    f"{path}: missing; the folder needs {', '.join(TRAIN_BATCHES)} and {TEST_BATCH}"
-                )
+                needs = f"{', '.join(TRAIN_BATCHES)} and {TEST_BATCH}"
+                raise settings.DataError(f"{path}: missing; the folder needs {needs}")
             try:
-                return parse_batch(path.read_bytes(), str(path))
+                raw = path.read_bytes()
             except OSError as error:
                 raise settings.DataError(
                     f"{path}: unreadable ({error.strerror})"
                 ) from None
-
-        return assemble(read)
-    try:
-        with tarfile.open(source, "r:gz") as archive:
-            members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
-
-            def read(name):
-                if name not in members:
-                    raise settings.DataError(
-                        f"{source}: archive has no {BATCHES_FOLDER}/{name}"
-                    )
-                return parse_batch(
-                    archive.extractfile(members[name]).read(), f"{source}:{name}"
-                )
-
-            return assemble(read)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise settings.DataError(
-            f"{source}: unreadable archive ({type(error).__name__}: {error}); download it again"
-        ) from None
-
-
-def assemble(read):
-    train = [read(name) for name in TRAIN_BATCHES]
-    test_images, test_labels = read(TEST_BATCH)
+            batches.append(parse_batch(raw, str(path)))
+    else:
+        try:
+            with tarfile.open(source, "r:gz") as archive:
+                files = [member for member in archive.getmembers() if member.isfile()]
+                members = {Path(member.name).name: member for member in files}
+                for name in names:
+                    if name not in members:
+                        missing = f"archive has no {BATCHES_FOLDER}/{name}"
+                        raise settings.DataError(f"{source}: {missing}")
+                    raw = archive.extractfile(members[name]).read()
+                    batches.append(parse_batch(raw, f"{source}:{name}"))
+        except (tarfile.TarError, EOFError, OSError) as error:
+            problem = f"unreadable archive ({type(error).__name__}: {error})"
+            raise settings.DataError(f"{source}: {problem}; download it again") from None
+    *train, (test_images, test_labels) = batches
     images, labels = (np.concatenate(part) for part in zip(*train))
     return images, labels, test_images, test_labels
 
@@ -266,22 +230,17 @@ def assemble(read):
 # ---------------------------------------------------------------------------------
 # Class folders: one's own images, FOLDER/train/<class>/<images> (Keras's layout)
 
-
-class ClassFolders(NamedTuple):
-    """A class-folder dataset, listed and checked, nothing decoded yet."""
-
-    train_files: np.ndarray  # paths (str), sorted by class, then by name
-    train_labels: np.ndarray  # int32, indices into class_names
-    test_files: np.ndarray
-    test_labels: np.ndarray
-    class_names: tuple  # the sub-folders of train/, sorted
-    source: str  # the folder and where its test set came from
+# A class-folder dataset, listed and checked, nothing decoded yet: paths (str) sorted by
+# class, then name; int32 labels indexing class_names (train/'s sub-folders, sorted);
+# source: the folder and where its test set came from.
+ClassFolders = namedtuple(
+    "ClassFolders", "train_files train_labels test_files test_labels class_names source"
+)
 
 
 def class_folders_root(data_dir):
-    """The folder of class folders that `data_dir` names, or None for CIFAR-10 (whose
-    batches or archive win over a train/ folder); a folder that is neither stops with
-    exit code 3 saying what was expected."""
+    """The folder of class folders `data_dir` names, or None for CIFAR-10 (whose batches
+    or archive win over a train/ folder); neither is a DataError saying what to do."""
     path = Path(data_dir).expanduser() if data_dir else None
     if path is None or not path.is_dir() or find_source(path) is not None:
         return None
@@ -298,14 +257,12 @@ def class_folders_root(data_dir):
 
 def visible_folders(path):
     """Sub-folders of `path`, sorted, without hidden ones (.ipynb_checkpoints, ...)."""
-    return sorted(
-        e for e in Path(path).iterdir() if e.is_dir() and not e.name.startswith(".")
-    )
+    folders = [folder for folder in Path(path).iterdir() if folder.is_dir()]
+    return sorted(folder for folder in folders if not folder.name.startswith("."))
 
 
 def image_files(folder, limit=0):
-    """Image files under `folder`, sub-folders included, hidden ones not, sorted; at
-    most `limit` of them when it is set."""
+    """Image files under `folder`, hidden ones not, sorted; at most `limit` if set."""
     found = []
     for parent, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -319,18 +276,19 @@ def image_files(folder, limit=0):
     return found
 
 
-def list_split(split_dir, class_names):
-    """(files, labels) of one split's class folders; an empty class folder is an error."""
+def list_split(split_dir, names, class_names):
+    """(files, labels) of the class folders `names` of one split, labelled by their index
+    in `class_names` (the training classes); an empty class folder is an error."""
     files, labels = [], []
-    for label, name in enumerate(class_names):
+    for name in names:
         found = image_files(split_dir / name)
         if not found:
             raise settings.DataError(
-                f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} "
-                f"files); add images or remove the folder"
+                f"{split_dir / name}: empty class folder (no "
+                f"{'/'.join(IMAGE_EXTENSIONS)} files); add images or remove the folder"
             )
         files += found
-        labels += [label] * len(found)
+        labels += [class_names.index(name)] * len(found)
     return np.array(files, dtype=object), np.array(labels, dtype=np.int32)
 
 
@@ -344,9 +302,10 @@ def list_class_folders(root, test_fraction):
     if len(class_names) < 2:
         found = f"only one ({class_names[0]}/)" if class_names else "none"
         raise settings.DataError(
-            f"{train_dir}: class folders needed, 2 or more, found {found}; expected {FOLDERS_LAYOUT}"
+            f"{train_dir}: class folders needed, 2 or more, found {found}; "
+            f"expected {FOLDERS_LAYOUT}"
         )
-    train_files, train_labels = list_split(train_dir, class_names)
+    train_files, train_labels = list_split(train_dir, class_names, class_names)
     held_out = [name for name in HELD_OUT_FOLDERS if (root / name).is_dir()]
     if held_out:
         test_dir = root / held_out[0]
@@ -362,28 +321,23 @@ def list_class_folders(root, test_fraction):
                 f"{test_dir}: no class folders; expected {held_out[0]}/<class>/<images>, "
                 "or remove it to take the test set from train/"
             )
-        test_files, test_labels = list_split(test_dir, test_classes)
         # Labels index the training classes, which the test split may only part cover.
-        test_labels = np.array(
-            [class_names.index(test_classes[i]) for i in test_labels], np.int32
-        )
+        test_files, test_labels = list_split(test_dir, test_classes, class_names)
         unused = "".join(f", {name}/ not used" for name in held_out[1:])
         source = f"{root} (class folders; test set: {held_out[0]}/{unused})"
     else:
         try:
-            train_index, test_index = (
-                np.sort(part)
-                for part in train_test_split(
-                    np.arange(len(train_labels)), test_size=test_fraction,
-                    stratify=train_labels, random_state=TEST_SPLIT_SEED,
-                )  # fmt: skip
-            )
+            parts = train_test_split(
+                np.arange(len(train_labels)), test_size=test_fraction,
+                stratify=train_labels, random_state=TEST_SPLIT_SEED,
+            )  # fmt: skip
         except ValueError as error:
             raise settings.ConfigError(
                 f"{train_dir}: cannot hold out a stratified test set of --test_fraction="
                 f"{test_fraction} from {len(train_labels)} images in {len(class_names)} "
                 f"classes ({error}); add images or a test/ folder"
             ) from None
+        train_index, test_index = (np.sort(part) for part in parts)
         test_files, test_labels = train_files[test_index], train_labels[test_index]
         train_files, train_labels = train_files[train_index], train_labels[train_index]
         source = (
@@ -396,11 +350,10 @@ def list_class_folders(root, test_fraction):
 
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
-    """uint8 (N, S, S, 3) of `files` at S = `image_size`: RGB (grayscale spread to three
-    channels, alpha dropped, a GIF's first frame), squeezed to a square as Keras's
-    image_dataset_from_directory does. Decoded in parallel and resized a chunk at a
-    time into one array, so memory grows with the images at S, never with the photos'
-    own size. A file that does not decode stops with exit code 3 naming it."""
+    """uint8 (N, S, S, 3) of `files` at S = `image_size`: RGB (grayscale spread, alpha
+    dropped, a GIF's first frame), squeezed square as Keras's image_dataset_from_directory
+    does. Resized a chunk at a time into one array, so memory grows with the images at S,
+    never with the photos' size. A file that does not decode is a DataError naming it."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):
@@ -427,9 +380,9 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
                     decode(tf.constant(path))
                 except tf.errors.OpError as error:
                     reason = error.message.split("}}")[-1].split("[Op:")[0].strip()
+                    reason = reason or type(error).__name__
                     raise settings.DataError(
-                        f"{path}: not a readable image ({reason or type(error).__name__}); "
-                        f"fix it or remove it"
+                        f"{path}: not a readable image ({reason}); fix it or remove it"
                     ) from None
             raise
 
@@ -466,33 +419,20 @@ def split(images, labels, val_fraction, seed, train_images=0):
     return images[train_index], labels[train_index], images[val_index], labels[val_index]
 
 
-class Data(NamedTuple):
-    """A script's images split three ways: uint8 (N, S, S, 3), labels int32 (N,)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    class_names: tuple
-    source: str  # where the data came from (and, for class folders, the test set)
-
-
-def load_data(
-    data_dir, image_size, val_fraction, seed, train_images=0, test_fraction=TEST_FRACTION
-):
-    """CIFAR-10 at 32 px, or the class folders `data_dir` names at `image_size`, split
-    into a TRAIN_IMAGES subset, a validation split from it and the test set. Of class
-    folders only the images used are decoded, after every check."""
+def load_data(config, image_size):
+    """(x_train, y_train, x_val, y_val, x_test, y_test, class names, source) of DATA_DIR
+    (class folders at `image_size`): a TRAIN_IMAGES subset split by VAL_FRACTION and SEED.
+    Of class folders only the images used are decoded, after every check."""
+    data_dir = config["DATA_DIR"]
     root = class_folders_root(data_dir)
+    split_settings = config["VAL_FRACTION"], config["SEED"], config["TRAIN_IMAGES"]
     if root is None:
         images, labels, test_images, test_labels, source = load_cifar10(data_dir)
-        splits = split(images, labels, val_fraction, seed, train_images)
-        return Data(*splits, test_images, test_labels, CLASS_NAMES, source)
-    folders = list_class_folders(root, test_fraction)
+        splits = split(images, labels, *split_settings)
+        return (*splits, test_images, test_labels, CLASS_NAMES, source)
+    folders = list_class_folders(root, config.get("TEST_FRACTION", TEST_FRACTION))
     train_files, y_train, val_files, y_val = split(
-        folders.train_files, folders.train_labels, val_fraction, seed, train_images
+        folders.train_files, folders.train_labels, *split_settings
     )
     start = time.perf_counter()
     x_train, x_val, x_test = (
@@ -504,7 +444,7 @@ def load_data(
         f"decoded {count:,} images from {root} at {image_size}x{image_size} px "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    return Data(
+    return (
         x_train, y_train, x_val, y_val, x_test, folders.test_labels, folders.class_names,
         folders.source,
     )  # fmt: skip
@@ -518,11 +458,9 @@ def load_test_data(data_dir, image_size, test_fraction=TEST_FRACTION):
         train_images, _, test_images, test_labels, source = load_cifar10(data_dir)
         return test_images, test_labels, source, len(train_images), CLASS_NAMES
     folders = list_class_folders(root, test_fraction)
-    test_images = decode_images(folders.test_files, image_size)
-    return (
-        test_images, folders.test_labels, folders.source, len(folders.train_labels),
-        folders.class_names,
-    )  # fmt: skip
+    images = decode_images(folders.test_files, image_size)
+    count = len(folders.train_labels)
+    return images, folders.test_labels, folders.source, count, folders.class_names
 
 
 # ---------------------------------------------------------------------------------
@@ -530,23 +468,19 @@ def load_test_data(data_dir, image_size, test_fraction=TEST_FRACTION):
 
 
 def make_augmenter(translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0, seed=0):
-    """Keras preprocessing layers for batches in [0, 255] at their stored side; None
-    when all are off. Reflect padding keeps shifted borders looking like image, not
-    black bars; shifts are whole pixels (nearest), so training images stay as sharp as
-    the test images. Flips are make_dataset's."""
+    """Keras layers for batches in [0, 255] at their stored side, None if all are off.
+    Reflect padding keeps shifted borders looking like image, not black bars; shifts are
+    whole pixels (nearest), so training images stay as sharp as the test images."""
+    reflect = {"fill_mode": "reflect"}
     layers = []
     if translate:
         layers.append(keras.layers.RandomTranslation(
-            translate, translate, fill_mode="reflect", interpolation="nearest", seed=seed + 1
+            translate, translate, **reflect, interpolation="nearest", seed=seed + 1
         ))  # fmt: skip
     if rotate:
-        layers.append(
-            keras.layers.RandomRotation(rotate, fill_mode="reflect", seed=seed + 2)
-        )
+        layers.append(keras.layers.RandomRotation(rotate, **reflect, seed=seed + 2))
     if zoom:
-        layers.append(
-            keras.layers.RandomZoom(zoom, zoom, fill_mode="reflect", seed=seed + 3)
-        )
+        layers.append(keras.layers.RandomZoom(zoom, zoom, **reflect, seed=seed + 3))
     if contrast:
         layers.append(
             keras.layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 4)
@@ -635,23 +569,21 @@ class Pipelines(NamedTuple):
 
 
 def pipelines_for(config, value_range, replicas=1):
-    """The data of a training script's run, from its config block: CIFAR-10 or class
-    folders (DATA_DIR), the TRAIN_IMAGES subset and VAL_FRACTION split (SEED), and
-    pipelines of batches at IMG_SIZE scaled to `value_range`. The batch is BATCH_SIZE,
-    or an eighth of the training images when that is smaller (a small set still gets
-    several steps an epoch), rounded to a multiple of `replicas`."""
+    """A training script's data from its config block (DATA_DIR split as load_data says)
+    in batches at IMG_SIZE scaled to `value_range`. The batch is BATCH_SIZE, or an eighth
+    of the training images when that is smaller (a small set still gets several steps an
+    epoch), rounded to a multiple of `replicas`."""
     settings.check_data_settings(config)
     x_train, y_train, x_val, y_val, x_test, y_test, class_names, source = load_data(
-        config["DATA_DIR"], config["IMG_SIZE"], config["VAL_FRACTION"], config["SEED"],
-        config["TRAIN_IMAGES"], config.get("TEST_FRACTION", TEST_FRACTION),
-    )  # fmt: skip
+        config, config["IMG_SIZE"]
+    )
     batch_size = min(config["BATCH_SIZE"], max(len(y_train) // 8, 1))
     batch_size = max(round(batch_size / replicas), 1) * replicas
     fixed_steps = config["STEPS_PER_EPOCH"]
-    batches = dict(
-        batch_size=batch_size, image_size=config["IMG_SIZE"], value_range=value_range,
-        num_classes=len(class_names),
-    )  # fmt: skip
+    batches = {
+        "batch_size": batch_size, "image_size": config["IMG_SIZE"],
+        "value_range": value_range, "num_classes": len(class_names),
+    }  # fmt: skip
     train = make_dataset(
         x_train, y_train, **batches, augmenter=augmenter_for(config),
         flip=config["AUGMENT_FLIP"], shuffle=True, seed=config["SEED"],
@@ -677,8 +609,7 @@ def pipelines_for(config, value_range, replicas=1):
 
 
 def save_figures(images, labels, config, class_names, title):
-    """plots/samples.png (the images as stored) and plots/augmented.png (augmented and
-    resized to FIGURE_SIZE as a training pipeline would); returns their paths."""
+    """plots/samples.png as stored, plots/augmented.png as a pipeline gives them."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
@@ -686,31 +617,12 @@ def save_figures(images, labels, config, class_names, title):
 
     plots_dir = Path(config["PLOTS_DIR"])
     plots_dir.mkdir(parents=True, exist_ok=True)
-    augmented = next(iter(make_dataset(
-        images, labels, batch_size=len(labels), image_size=config["FIGURE_SIZE"],
-        value_range=(0.0, 1.0), augmenter=augmenter_for(config), flip=config["AUGMENT_FLIP"],
-        seed=config["SEED"], num_classes=len(class_names),
-    )))  # fmt: skip
-    augmented = [(augmented[0].numpy(), augmented[1].numpy().argmax(1))]
     columns = min(8, len(labels))
-    rows, side = -(-len(labels) // columns), images.shape[1]
-    size = config["FIGURE_SIZE"]
-    paths = []
-    for name, (pictures, picture_labels), heading in (
-        (
-            "samples.png",
-            (images, labels),
-            f"{title}: random training images ({side}x{side})",
-        ),
-        (
-            "augmented.png",
-            augmented[0],
-            f"The same images augmented and resized to {size}x{size}",
-        ),
-    ):
-        figure, axes = plt.subplots(
-            rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False
-        )
+    rows = -(-len(labels) // columns)
+    figsize = (1.6 * columns, 1.8 * rows)
+
+    def draw(name, pictures, picture_labels, heading):
+        figure, axes = plt.subplots(rows, columns, figsize=figsize, squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
         for axis, picture, label in zip(axes.flat, pictures, picture_labels):
@@ -720,8 +632,20 @@ def save_figures(images, labels, config, class_names, title):
         figure.tight_layout()
         figure.savefig(plots_dir / name, dpi=100)
         plt.close(figure)
-        paths.append(plots_dir / name)
-    return paths
+        return plots_dir / name
+
+    augmented, onehot = next(iter(make_dataset(
+        images, labels, batch_size=len(labels), image_size=config["FIGURE_SIZE"],
+        value_range=(0.0, 1.0), augmenter=augmenter_for(config),
+        flip=config["AUGMENT_FLIP"], seed=config["SEED"], num_classes=len(class_names),
+    )))  # fmt: skip
+    side, size = images.shape[1], config["FIGURE_SIZE"]
+    samples = f"{title}: random training images ({side}x{side})"
+    resized = f"The same images augmented and resized to {size}x{size}"
+    return [
+        draw("samples.png", images, labels, samples),
+        draw("augmented.png", augmented.numpy(), onehot.numpy().argmax(1), resized),
+    ]
 
 
 def main(argv):
@@ -730,9 +654,8 @@ def main(argv):
     # Class folders are decoded at the augmented figure's size: every image is
     # checked here as training would check it.
     x_train, y_train, _, y_val, _, y_test, class_names, source = load_data(
-        config["DATA_DIR"], config["FIGURE_SIZE"], config["VAL_FRACTION"], config["SEED"],
-        config["TRAIN_IMAGES"], config["TEST_FRACTION"],
-    )  # fmt: skip
+        config, config["FIGURE_SIZE"]
+    )
     root = class_folders_root(config["DATA_DIR"])
     print(f"CIFAR-10 from {source}" if root is None else source)
     width = max(len("class"), *(len(name) for name in class_names))
@@ -741,12 +664,9 @@ def main(argv):
         counts = [int((labels == index).sum()) for labels in (y_train, y_val, y_test)]
         print(f"{name:<{width}} " + " ".join(f"{count:>7}" for count in counts))
     print(f"{'total':<{width}} {len(y_train):>7} {len(y_val):>7} {len(y_test):>7}")
+    count = min(config["FIGURE_IMAGES"], len(y_train))
     rng = np.random.default_rng(config["SEED"])
-    pick = np.sort(
-        rng.choice(
-            len(y_train), min(config["FIGURE_IMAGES"], len(y_train)), replace=False
-        )
-    )
+    pick = np.sort(rng.choice(len(y_train), count, replace=False))
     title = "CIFAR-10" if root is None else root.resolve().name
     for path in save_figures(x_train[pick], y_train[pick], config, class_names, title):
         print(f"wrote {path}")

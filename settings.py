@@ -1,16 +1,7 @@
 """What every script shares before TensorFlow loads, in the standard library only: the
 config block and its --name=value overrides, --help, one-line errors and exit codes, a
-quiet TensorFlow start-up, atomic files, Markdown tables and finding run folders.
-
-A script calls it on its first lines, before it imports anything heavy:
-
-    import settings
-
-    settings.check_command_line(__name__, __file__)  # --help, bad flags: no TF yet
-
-Run as a program, that line answers --help from the script's config block, stops a bad
-command line with one line and exit code 2 (checking the script's check_config too),
-then imports TensorFlow without its start-up notices. Imported, it does nothing.
+quiet TensorFlow start-up, atomic files, Markdown tables and finding run folders. A
+script's first lines call `settings.check_command_line(__name__, __file__)`.
 """
 
 import ast
@@ -23,8 +14,8 @@ import re
 import subprocess
 import sys
 import tokenize
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 EXIT_CONFIG = 2  # bad command line or configuration
 EXIT_DATA = 3  # data or weights missing, unreadable or invalid
@@ -51,24 +42,17 @@ def require(condition, message):
 
 
 def check_data_settings(config):
-    """The data settings the training scripts share, checked before TensorFlow loads."""
+    """The data settings the training scripts share, those `config` has, checked."""
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
-        if name in config:
-            require(
-                0 < config[name] < 1,
-                f"--{name.lower()} must lie in (0, 1), got {config[name]}",
-            )
-    require(
-        config.get("TRAIN_IMAGES", 0) >= 0,
-        f"--train_images must be 0 (all) or positive, got {config.get('TRAIN_IMAGES')}",
-    )
-    if "BATCH_SIZE" in config:
-        require(config["BATCH_SIZE"] > 0, "--batch_size must be positive")
+        value = config.get(name, 0.5)
+        require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
+    images = config.get("TRAIN_IMAGES", 0)
+    require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
+    require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")
 
 
 def fail(message, exit_code):
-    """The one way a script stops on an expected failure: `<script>: error: ...` on
-    stderr, no traceback, the documented exit code."""
+    """Stop on an expected failure: `<script>: error: ...` on stderr, no traceback."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(exit_code)
 
@@ -83,39 +67,32 @@ def stop_as_ctrl_c(signum, frame):
 
 
 def config_block(module_globals):
-    """The scalar UPPER_CASE globals defined so far: called right after a script's
-    config block, it captures that block as the defaults for overrides."""
-    return {
-        name: value
-        for name, value in module_globals.items()
-        if name.isupper() and type(value) in SCALARS
-    }
+    """The scalar UPPER_CASE globals so far: called right after the config block."""
+    names = [name for name, value in module_globals.items() if type(value) in SCALARS]
+    return {name: module_globals[name] for name in names if name.isupper()}
 
 
 def split_arguments(argv, booleans=()):
     """[(flag, text)] from `--name=value`, `--name value` and, for a name in
     `booleans` (lower case), a bare `--flag` (text "True") or `--flag true|false`."""
-    pairs, index = [], 0
-    while index < len(argv):
-        arg = argv[index]
-        index += 1
+    pairs, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(
                 f"expected --name=value, --name value or --flag, got {arg!r}"
             )
         flag, has_value, text = arg[2:].partition("=")
         flag = flag.replace("-", "_").lower()
-        following = argv[index] if index < len(argv) else None
+        following = rest[0] if rest else "--"  # "--": nothing follows
         if not has_value and flag in booleans:
-            text = "True"
-            if following is not None and following.lower() in ("true", "false"):
-                text, index = following, index + 1
+            text = rest.pop(0) if following.lower() in ("true", "false") else "True"
         elif not has_value:
-            if following is None or following.startswith("--"):
+            if following.startswith("--"):
                 raise ConfigError(
                     f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE"
                 )
-            text, index = following, index + 1
+            text = rest.pop(0)
         pairs.append((flag, text))
     return pairs
 
@@ -129,8 +106,7 @@ def unknown_setting(flag, names, where=""):
 
 
 def parse_overrides(defaults, argv):
-    """`defaults` (a config block) with the `argv` overrides applied; values are Python
-    literals checked against the default's type, strings may be given bare."""
+    """`defaults` (a config block) with the `argv` overrides applied."""
     config = dict(defaults)
     booleans = [name.lower() for name, value in defaults.items() if type(value) is bool]
     for flag, text in split_arguments(argv, booleans):
@@ -141,7 +117,7 @@ def parse_overrides(defaults, argv):
 
 
 def parse_value(flag, text, default):
-    """`text` as a value of the default's type, or a ConfigError."""
+    """`text` as a literal of the default's type (or a bare string), else ConfigError."""
     expected = type(default)
     try:
         value = ast.literal_eval(text)
@@ -173,48 +149,30 @@ def print_config(config, defaults=None):
 # ---------------------------------------------------------------------------------
 # A script read from its source, without running it: --help and the early check
 
-
-class Setting(NamedTuple):
-    default: object
-    comment: str  # the trailing comment of its lines in the config block
-    more: tuple = ()  # comment lines right below it, which go on with it
-
-
-class Script(NamedTuple):
-    doc: str  # the module docstring
-    settings: dict  # {NAME: Setting}, in the order of the config block
-    check: object  # its check_config(config) function, or None
-    complete: bool  # False if a setting's default is known only by running it
+Setting = namedtuple("Setting", "default comment more")  # more: comment lines below it
+Script = namedtuple("Script", "doc settings check complete")  # see read_script
 
 
 def read_script(path):
-    """The docstring, config block and check_config of the script at `path`. The block
+    """The docstring, config block {NAME: Setting} and check_config (or None) of the
+    script at `path`, and whether every default is known without running it. The block
     is every UPPER_CASE scalar assigned before `CONFIG = ...`; a default taken from a
     sibling script (`scratch_cnn.CONFIG["BATCH_SIZE"]`) is read from its block."""
     path = Path(path)
     source = path.read_text()
     tree = ast.parse(source, str(path))
-    tokens = [
-        token
-        for token in tokenize.generate_tokens(io.StringIO(source).readline)
-        if token.type == tokenize.COMMENT
-    ]
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    tokens = [token for token in tokens if token.type == tokenize.COMMENT]
     comments = {token.start[0]: token.string.lstrip("#").strip() for token in tokens}
-    alone = {
-        token.start[0] for token in tokens if not token.line[: token.start[1]].strip()
-    }
+    alone = {token.start[0] for token in tokens if token.line.lstrip().startswith("#")}
     found, constants, check, complete, in_block = {}, {}, None, True, True
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == "check_config":
             check = node
-        if not (
-            isinstance(node, ast.Assign)
-            and isinstance(node.targets[0], ast.Name)
-            and node.targets[0].id.isupper()
-        ):
+        target = node.targets[0] if isinstance(node, ast.Assign) else None
+        if not (isinstance(target, ast.Name) and target.id.isupper()):
             continue
-        name = node.targets[0].id
-        if name == "CONFIG":
+        if target.id == "CONFIG":
             in_block = False
             continue
         try:
@@ -222,7 +180,7 @@ def read_script(path):
         except ValueError:
             complete = complete and not in_block
             continue
-        constants[name] = value
+        constants[target.id] = value
         if in_block and type(value) in SCALARS:
             lines = range(node.lineno, node.end_lineno + 1)
             comment = " ".join(comments[line] for line in lines if line in comments)
@@ -230,7 +188,7 @@ def read_script(path):
             while line in alone:
                 more.append(comments[line])
                 line += 1
-            found[name] = Setting(value, comment, tuple(more))
+            found[target.id] = Setting(value, comment, tuple(more))
     if check is not None:  # compiled alone, with the literal constants in scope
         code = compile(ast.Module(body=[check], type_ignores=[]), str(path), "exec")
         namespace = {**constants, "settings": sys.modules[__name__]}
@@ -241,26 +199,19 @@ def read_script(path):
 
 def _literal(node, folder):
     """A literal's value, or `other_script.CONFIG["NAME"]` read from other_script.py."""
-    if (
-        isinstance(node, ast.Subscript)
-        and isinstance(node.value, ast.Attribute)
-        and node.value.attr == "CONFIG"
-        and isinstance(node.value.value, ast.Name)
-        and isinstance(node.slice, ast.Constant)
-    ):
-        other = folder / f"{node.value.value.id}.py"
-        setting = (
-            read_script(other).settings.get(node.slice.value) if other.is_file() else None
-        )
-        if setting is None:
-            raise ValueError("not a setting of a sibling script")
-        return setting.default
-    return ast.literal_eval(node)
+    sibling = re.fullmatch(r"(\w+)\.CONFIG\['(\w+)'\]", ast.unparse(node))
+    if sibling is None:
+        return ast.literal_eval(node)
+    other = folder / f"{sibling[1]}.py"
+    setting = read_script(other).settings.get(sibling[2]) if other.is_file() else None
+    if setting is None:
+        raise ValueError("not a setting of a sibling script")
+    return setting.default
 
 
 def help_text(path, usage="[--name=value | --name value | --flag] ..."):
-    """--help: the docstring up to the end of its first indented block (purpose, then
-    the commands), then each setting with its default and its comment."""
+    """--help: the docstring to the end of its first indented block (the commands), then
+    each setting with its default and its comment."""
     script = read_script(path)
     program = Path(path).name
     lines, seen_usage = [f"usage: python {program} {usage}", ""], False
@@ -288,9 +239,8 @@ def help_text(path, usage="[--name=value | --name value | --flag] ..."):
 
 
 def check_command_line(name, path, argv=None):
-    """Run by a script on its first lines as `check_command_line(__name__, __file__)`.
-    As a program, it answers --help and -h (exit 0) and stops a bad command line (exit
-    2), both before TensorFlow is imported, then imports TensorFlow quietly."""
+    """Run as a program: answer --help and -h (exit 0) and stop a bad command line (one
+    line, exit 2), before TensorFlow loads; then import TensorFlow quietly."""
     if name != "__main__":
         return
     argv = sys.argv[1:] if argv is None else argv
@@ -300,16 +250,13 @@ def check_command_line(name, path, argv=None):
     script = read_script(path)
     config = {}
     if script.complete:  # else main() checks it all, once TensorFlow is loaded
+        defaults = {name: setting.default for name, setting in script.settings.items()}
         try:
-            defaults = {
-                name: setting.default for name, setting in script.settings.items()
-            }
             config = parse_overrides(defaults, argv)
             if script.check is not None:
-                try:
-                    script.check(config)
-                except NameError:  # it needs more than settings: main() runs it
-                    pass
+                script.check(config)
+        except NameError:  # check_config needs more than settings: main() runs it
+            pass
         except ConfigError as error:
             fail(error, EXIT_CONFIG)
     import_tensorflow_quietly(show_everything=config.get("VERBOSE", 0) >= 2)
@@ -323,7 +270,7 @@ def check_command_line(name, path, argv=None):
 # with descriptor 2 connected to a small filter process that drops those known notices
 # and passes every other line on at once: a real error gets through, even on an abort.
 
-ABSL_LINE = re.compile(rb"^([IWEF])\d{4} ")  # "<severity><mmdd> <time> <thread> ..."
+ABSL_INFO = re.compile(rb"^I\d{4} ")  # absl's INFO lines: "I<mmdd> <time> <thread> ..."
 STARTUP_NOTICES = (
     b"WARNING: All log messages before absl::InitializeLog() is called",
     b"To enable the following instructions:",  # the rest of an I line (CPU features)
@@ -333,16 +280,15 @@ CUDA_INIT_FAILED = b"failed call to cuInit"
 
 
 def forward_messages(source, sink, drop=()):
-    """Copy the lines of `source` to `sink` (binary files) less the start-up notices:
-    absl's INFO lines, its notice about them, a failed CUDA initialisation on a machine
-    with no CUDA driver to initialise, and lines holding any of `drop` (bytes)."""
+    """Copy the lines of `source` to `sink` (binary files) less absl's INFO lines and its
+    notice about them, a failed CUDA start with no CUDA driver, and any line with `drop`.
+    """
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
-        match = ABSL_LINE.match(line)
         if (
             line.startswith(STARTUP_NOTICES)
-            or (match and match.group(1) == b"I")
+            or ABSL_INFO.match(line)
             or (no_cuda_driver and CUDA_INIT_FAILED in line)
             or any(text in line for text in drop)
         ):
@@ -352,8 +298,8 @@ def forward_messages(source, sink, drop=()):
 
 
 def import_tensorflow_quietly(show_everything=False):
-    """Import TensorFlow and Keras and initialise the devices without the start-up
-    notices; `show_everything` (--verbose=2, or TF_CPP_MIN_LOG_LEVEL=0) shows them."""
+    """Import TensorFlow and Keras and find the devices without the start-up notices,
+    unless `show_everything` (--verbose=2) or TF_CPP_MIN_LOG_LEVEL=0."""
     if show_everything or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # later INFO lines go too
@@ -368,17 +314,16 @@ def import_tensorflow_quietly(show_everything=False):
 
 
 def quietly(work, drop=()):
-    """Run `work()` with file descriptor 2 passed through forward_messages (which also
-    drops the lines holding any of `drop`, bytes)."""
+    """Run `work()` with file descriptor 2 passed through forward_messages(drop=drop)."""
     sys.stderr.flush()
     read_end, write_end = os.pipe()
-    command = [
-        sys.executable, "-S", "-c",
+    program = (
         "import sys; sys.path.insert(0, sys.argv[1]); import settings; settings."
-        "forward_messages(sys.stdin.buffer, sys.stderr.buffer, [a.encode() for a in sys.argv[2:]])",
-        str(Path(__file__).resolve().parent),
-        *(text.decode() for text in drop),
-    ]  # fmt: skip
+        "forward_messages(sys.stdin.buffer, sys.stderr.buffer, "
+        "[a.encode() for a in sys.argv[2:]])"
+    )
+    folder = str(Path(__file__).resolve().parent)
+    command = [sys.executable, "-S", "-c", program, folder, *map(bytes.decode, drop)]
     forwarder = subprocess.Popen(command, stdin=read_end)
     os.close(read_end)
     saved = os.dup(2)
@@ -425,49 +370,41 @@ def read_json(path):
 def markdown_table(header, rows):
     """A GitHub Markdown table; cells are shown with str()."""
     lines = [header, ["---"] * len(header), *rows]
-    return "\n".join(
-        "| " + " | ".join(str(cell) for cell in line) + " |" for line in lines
-    )
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+
+
+def _cpuinfo(field):
+    """The value of `field` in /proc/cpuinfo (its first line), or None."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    values = [line.split(":", 1)[1].strip() for line in lines if line.startswith(field)]
+    return values[0] if values else None
 
 
 def cpu_name():
     """This machine's CPU model, as /proc/cpuinfo names it where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = _cpuinfo("model name")
+    return name if name is not None else platform.processor() or platform.machine()
 
 
 def cpu_flags():
     """The CPU's feature flags (/proc/cpuinfo), empty where there is no such file."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 def list_runs(out_dir, script, finished):
-    """Run folders of `script` in OUT_DIR, oldest first by name (a timestamp: a folder's
-    modification time changes when a later tool writes into it); finished ones hold
-    metrics.json."""
+    """Run folders of `script` (with metrics.json if `finished`), oldest first by name, a
+    timestamp: a folder's modification time changes when a later tool writes into it."""
     parent = Path(out_dir) / script
-    if not parent.is_dir():
-        return []
-    return sorted(
-        (
-            path
-            for path in parent.iterdir()
-            if (path / "config.json").is_file()
-            and (path / "metrics.json").is_file() == finished
-        ),
-        key=lambda path: path.name,
-    )
+    runs = sorted(parent.iterdir(), key=lambda path: path.name) if parent.is_dir() else []
+    return [
+        path
+        for path in runs
+        if (path / "config.json").is_file()
+        and (path / "metrics.json").is_file() == finished
+    ]
 
 
 def finished_run(path, flag):
@@ -475,7 +412,8 @@ def finished_run(path, flag):
     run_dir = Path(path).expanduser()
     require(
         (run_dir / "config.json").is_file(),
-        f"{flag}: not a run folder (no config.json); runs are in OUT_DIR/<script>/<timestamp>/",
+        f"{flag}: not a run folder (no config.json); "
+        "runs are in OUT_DIR/<script>/<timestamp>/",
     )
     script = read_json(run_dir / "config.json").get("script", "the training script")
     require(
@@ -487,17 +425,14 @@ def finished_run(path, flag):
 
 
 def model_name(script, config):
-    """What a run trained, as tables and legends name it: "CNN from scratch",
-    "MobileNetV2, ImageNet weights", "MobileNetV2 (alpha 0.35), random start", ..."""
+    """What a run trained, as tables and legends name it ("MobileNetV2, random start")."""
     if script == "scratch_cnn":
         return "CNN from scratch"
     alpha = config.get("ALPHA", 1.0)
     name = "MobileNetV2" + ("" if alpha == 1.0 else f" (alpha {alpha})")
     weights = config.get("WEIGHTS", "imagenet")
-    # Keras's own ImageNet file, passed by path, is still ImageNet weights.
-    if weights == "imagenet" or re.match(
-        r"mobilenet_v2_weights_tf_dim_ordering", Path(weights).name
-    ):
+    keras_file = Path(weights).name.startswith("mobilenet_v2_weights_tf_dim_ordering")
+    if weights == "imagenet" or keras_file:  # Keras's own file, passed by path
         return f"{name}, ImageNet weights"
     if weights == "none":
         return f"{name}, random start"

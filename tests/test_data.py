@@ -289,7 +289,7 @@ def test_keras_cache_takes_the_archive_where_the_error_says_to_put_it(
     cifar_archive, tmp_path, monkeypatch, no_download
 ):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    datasets = data.keras_datasets_dir()
+    datasets = data.keras_home() / "datasets"
     assert datasets == tmp_path / "datasets"
     datasets.mkdir()
     shutil.copy(cifar_archive, datasets / "cifar-10-python.tar.gz")
