@@ -1,13 +1,12 @@
 """Compare finished runs of scratch_cnn.py and transfer_mobilenetv2.py on their test set:
-accuracy, loss curves, confusion matrices and the report's table, measured, with
-per-class accuracy, mistakes, calibration and inference speed added.
+the report's table, measured, with learning curves, confusion matrices, per-class
+accuracy, mistakes, calibration and inference speed; report.md shows them all.
 
     python evaluate.py                              # the newest finished run of each kind
     python evaluate.py --runs=runs/scratch_cnn/A,runs/scratch_cnn/B   # chosen runs
     python evaluate.py --data_dir=~/data --plots_dir=results --data_label="CIFAR-10"
 
-A column per kind of model; runs that differ only in SEED share one (mean, Student-t
-interval, each seed); all are evaluated alike. report.md shows every figure and table.
+A column per kind of model, evaluated alike; runs that differ only in SEED share one.
 """
 
 import settings
@@ -70,8 +69,18 @@ EXPECTED = {  # the kinds compared by default, and the command that makes each
 NOT_COMPARED = ("SEED", "OUT_DIR", "RESUME", "VERBOSE", "DRY_RUN")  # seeds may differ
 FIGURE_TTA = "flip"  # the test-time augmentation of every figure, for every model
 SAVED = ("data_source", "weights_file", "value_range", "devices", "versions")  # shown
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~:])/[\w.~-]+/[^\s,;()'\"`|]*")  # not /device:0
 TestSet = namedtuple("TestSet", "images labels source available class_names dataset")
+ROW_NAMES = {
+    "tta": "the run's test-time augmentation",
+    "test_accuracy_none": "test accuracy, one view",
+    "test_accuracy_flip": "test accuracy, flip-averaged",
+    "test_accuracy_crops": "test accuracy, 6 views (crops)",
+    "test_accuracy": "test accuracy, recorded (the run's own level)",
+    "test_loss": "test loss (training objective)",
+    "final_loss": "final training loss",
+    "final_val_loss": "final validation loss",
+    "inference_ms_per_image": "inference, ms per image",
+}  # comparison rows; the others read as their names with spaces
 
 
 def check_config(config):
@@ -86,25 +95,8 @@ def check_config(config):
 # Runs: find them, read them, the seeds of one setting into one column
 
 
-def shown(path):
-    """A path as reports show it: relative, below the current folder; else its name."""
-    path = Path(path).expanduser()
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path.name
-
-
-def without_paths(text, *known):
-    """`text` with each absolute path, and each `known` one (spaces and all), shown."""
-    for path in known:
-        text = str(text).replace(str(path), shown(path))
-    return ABSOLUTE_PATH.sub(lambda match: shown(match.group()), str(text))
-
-
 def find_runs(out_dir, chosen):
-    """([run folders], [hints]): those `chosen` names (comma-separated), else the
-    newest finished run of each kind in `out_dir` by name, and a hint per missing kind."""
+    """([run folders], [hints]): those `chosen`, else the newest of each kind by name."""
     if chosen:
         paths = [path.strip() for path in chosen.split(",") if path.strip()]
         return [settings.finished_run(path, f"--runs={path}") for path in paths], []
@@ -136,15 +128,15 @@ def read_run(run_dir):
         )
     config, metrics = saved["config"], settings.read_json(run_dir / "metrics.json")
     earlier = "flip" if config.get("TTA_FLIP") else "none"  # runs made before TTA levels
-    tta = metrics.get("tta") or config.get("TTA", earlier)
-    kind = settings.model_name(saved["script"], config)
-    run = {"dir": Path(run_dir), "saved": saved, "config": config, "metrics": metrics}
-    return {**run, "history": history, "kind": kind, "tta": tta}
+    return {
+        "dir": Path(run_dir), "saved": saved, "config": config, "metrics": metrics,
+        "history": history, "kind": settings.model_name(saved["script"], config),
+        "tta": metrics.get("tta") or config.get("TTA", earlier),
+    }  # fmt: skip
 
 
 def group_columns(runs):
-    """Columns in the order the runs come, one per kind and settings (so seeds share
-    one); two of a kind are told apart by their first run, which their figures show."""
+    """A column per kind and settings (seeds share one), told apart by their first run."""
     groups = {}
     for run in runs:
         compared = {k: v for k, v in run["config"].items() if k not in NOT_COMPARED}
@@ -155,8 +147,8 @@ def group_columns(runs):
         seeds = [str(run["config"].get("SEED")) for run in members]
         title = f"{name}, seed {seeds[0]} of {', '.join(seeds)}" if seeds[1:] else name
         slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        columns.append({"name": name, "slug": slug, "title": title, "runs": members})
-        columns[-1]["colour"] = f"C{index}"
+        columns.append({"name": name, "slug": slug, "title": title, "runs": members,
+                        "colour": f"C{index}"})  # fmt: skip
     return columns
 
 
@@ -201,9 +193,8 @@ def calibration_bins(confidence, correct, bins):
 
 def most_confused_pairs(confusion, top):
     """[(true, predicted, count)]: the `top` largest counts off the diagonal."""
-    pairs = pd.DataFrame(confusion).stack()
-    pairs = pairs[pairs.index.map(lambda pair: pair[0] != pair[1]) & (pairs > 0)]
-    pairs = pairs.sort_values(ascending=False, kind="stable").head(top)
+    pairs = pd.DataFrame(confusion - np.diag(np.diag(confusion))).stack()
+    pairs = pairs[pairs > 0].sort_values(ascending=False, kind="stable").head(top)
     return [(int(t), int(p), int(count)) for (t, p), count in pairs.items()]
 
 
@@ -214,11 +205,11 @@ def epochs_to_reach(val_accuracy, fraction):
 
 
 def evaluate_predictions(probabilities, labels, bins, class_names=data.CLASS_NAMES):
-    """Accuracy, confusion, per-class accuracy, calibration and cross-entropy (without
-    label smoothing, so that models trained with different smoothing compare)."""
+    """What a model's test predictions measure; its cross-entropy is without label
+    smoothing, so that models trained with different smoothing compare."""
     predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    correct = predicted == labels
-    confusion = confusion_matrix(labels, predicted, labels=range(len(class_names)))
+    correct, classes = predicted == labels, range(len(class_names))
+    confusion = confusion_matrix(labels, predicted, labels=classes)
     true_probability = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)
     calibration, ece = calibration_bins(confidence, correct, bins)
     return {
@@ -227,29 +218,31 @@ def evaluate_predictions(probabilities, labels, bins, class_names=data.CLASS_NAM
         "cross_entropy": float(-np.mean(np.log(true_probability))),
         "confusion": confusion, "calibration": calibration, "ece": ece,
         "per_class_accuracy": np.diag(confusion) / np.maximum(1, confusion.sum(axis=1)),
+        "answers": [f"{class_names[p]} {c:.0%}" for p, c in zip(predicted, confidence)],
+        "report": classification_report(labels, predicted, labels=classes, digits=4,
+                                        target_names=class_names, zero_division=0),
     }  # fmt: skip
 
 
 def evaluate_run(column, run, test, config):
-    """Predict the test set with `run`'s model at each TTA level, keep its evaluation,
-    and return its row of comparison.csv: what it recorded beside what is measured."""
-    model, classes = training.load_checkpoint(run["dir"]), len(test.class_names)
-    value_range, size = tuple(run["saved"]["value_range"]), run["config"]["IMG_SIZE"]
+    """`run`'s row of comparison.csv, measured beside recorded; keeps its evaluation."""
+    keras.backend.clear_session()  # free the models evaluated before this one
+    model, tta, trained = training.load_checkpoint(run["dir"]), run["tta"], run["config"]
     dataset = data.make_dataset(
-        test.images, test.labels, batch_size=config["BATCH_SIZE"], image_size=size,
-        value_range=value_range, num_classes=classes,
+        test.images, test.labels, batch_size=config["BATCH_SIZE"],
+        image_size=trained["IMG_SIZE"], value_range=tuple(run["saved"]["value_range"]),
+        num_classes=len(test.class_names),
     )  # fmt: skip
-    level = max(FIGURE_TTA, run["tta"], key=training.TTA_LEVELS.index)
+    level = max(FIGURE_TTA, tta, key=training.TTA_LEVELS.index)
     levels, _ = training.predict_tta(model, dataset, level)
     start = time.perf_counter()  # a pass without TTA, the graph traced by now
     training.predict_probabilities(model, dataset, "none")
     seconds = (time.perf_counter() - start) / len(test.labels)
     # The weights are what inference needs; model.keras also holds optimizer slots.
     megabytes = sum(weight.numpy().nbytes for weight in model.weights) / 1e6
-    del model
-    keras.backend.clear_session()  # free the model before loading the next
     accuracy = {k: float(np.mean(p.argmax(1) == test.labels)) for k, p in levels.items()}
-    tta, recorded = run["tta"], run["metrics"]["test_accuracy"]
+    history, metrics = run["history"], run["metrics"]
+    recorded = metrics["test_accuracy"]
     print(f"{column['name']}, {run['dir'].name}: test accuracy by TTA level {accuracy}")
     if abs(recorded - accuracy[tta]) > config["ACCURACY_TOLERANCE"]:
         print(
@@ -257,17 +250,16 @@ def evaluate_run(column, run, test, config):
             f"{accuracy[tta]:.4f} differs from the recorded {recorded:.4f} in its "
             "metrics.json (other test data, or a changed model?)"
         )
-    probabilities, bins = levels[FIGURE_TTA], config["CALIBRATION_BINS"]
-    evaluation = evaluate_predictions(probabilities, test.labels, bins, test.class_names)
-    history, metrics, trained = run["history"], run["metrics"], run["config"]
+    run["evaluation"] = evaluation = evaluate_predictions(
+        levels[FIGURE_TTA], test.labels, config["CALIBRATION_BINS"], test.class_names
+    )
     converged = epochs_to_reach(history["val_accuracy"], config["CONVERGED_FRACTION"])
     chosen = trained.get("TRAIN_IMAGES", 0)  # 0 = all, less the validation share
     images = chosen if 0 < chosen < test.available else test.available
     images -= int(np.ceil(images * trained.get("VAL_FRACTION", 0)))  # as sklearn rounds
     recorded = ["test_accuracy", "test_loss", "train_seconds", "images_per_second"]
-    run["evaluation"] = evaluation
     return {
-        "model": column["name"], "run": shown(run["dir"]), "seed": trained.get("SEED"),
+        "model": column["name"], "run": settings.shown(run["dir"]), "seed": trained.get("SEED"),
         "tta": tta, **{f"test_accuracy_{key}": v for key, v in accuracy.items()},
         **{key: metrics.get(key) for key in recorded},
         "test_cross_entropy": evaluation["cross_entropy"],
@@ -283,7 +275,7 @@ def evaluate_run(column, run, test, config):
 
 
 # ---------------------------------------------------------------------------------
-# Report: figures (saved, never shown; a colour per column), tables and report.md
+# Report: figures (saved, never shown; a colour per column), tables, report.md; main()
 
 
 def new_figure(rows=1, columns=1, size=(12, 4.5), **options):
@@ -293,8 +285,8 @@ def new_figure(rows=1, columns=1, size=(12, 4.5), **options):
 
 
 def save_figure(figure, path, dpi, data_label=""):
-    """Write a PNG whole or not at all and free the figure; a data label goes on a
-    line of its own under the title, which is also the PNG's Title metadata."""
+    """Write a PNG whole or not at all and close it; the data label goes on a line under
+    the title, which is also the PNG's Title metadata."""
     if data_label:
         figure.suptitle(f"{figure.get_suptitle()}\n{data_label}")
     partial = path.with_name(path.name + ".partial")
@@ -327,34 +319,30 @@ def plot_curves(columns):
 
 def plot_confusion(column):
     """confusion_<model>.png: shares of each true class in colour, counts in cells."""
-    evaluation = column["evaluation"]
-    confusion, names = evaluation["confusion"], evaluation["class_names"]
-    shares = confusion / np.maximum(1, confusion.sum(axis=1, keepdims=True))
+    confusion, names = column["confusion"], column["class_names"]
     side = max(7.0, 0.4 * len(names))  # room for every class
     figure, axes = new_figure(size=(1.25 * side, side))
     sns.heatmap(
-        shares, annot=confusion if len(names) <= 20 else False, fmt="d", square=True,
+        confusion / np.maximum(1, confusion.sum(axis=1, keepdims=True)), fmt="d",
+        annot=confusion if len(names) <= 20 else False, square=True, ax=axes[0, 0],
         cmap=sns.light_palette(column["colour"], as_cmap=True), xticklabels=names,
-        yticklabels=names, cbar_kws={"label": "share of the true class"}, ax=axes[0, 0],
+        yticklabels=names, cbar_kws={"label": "share of the true class"},
     )  # fmt: skip
     axes[0, 0].set(xlabel="predicted class", ylabel="true class")
     figure.suptitle(
         f"{column['title']}: confusion matrix on {confusion.sum():,} test images, "
-        f"accuracy {evaluation['accuracy']:.2%}"
+        f"accuracy {column['accuracy']:.2%}"
     )
     return figure
 
 
 def plot_per_class_accuracy(columns):
     """per_class_accuracy.png: each class's test accuracy, the models side by side."""
-    names, accuracy = columns[0]["evaluation"]["class_names"], {}
-    for column in columns:
-        evaluation = column["evaluation"]
-        name = f"{column['name']} (overall {evaluation['accuracy']:.1%})"
-        accuracy[name] = evaluation["per_class_accuracy"]
+    names, colours = columns[0]["class_names"], [c["colour"] for c in columns]
+    accuracy = {f"{c['name']} (overall {c['accuracy']:.1%})": c["per_class_accuracy"]
+                for c in columns}  # fmt: skip
     figure, axes = new_figure(size=(max(12.0, 0.45 * len(columns) * len(names)), 4.5))
-    colours, turn = [c["colour"] for c in columns], 45 if len(names) > 10 else 0
-    axis = axes[0, 0]
+    axis, turn = axes[0, 0], 45 if len(names) > 10 else 0
     pd.DataFrame(accuracy, names).plot.bar(ax=axis, color=colours, rot=turn, width=0.8)
     for bars in axis.containers:
         axis.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
@@ -365,8 +353,7 @@ def plot_per_class_accuracy(columns):
 
 
 def plot_images(images, titles, captions, columns=8):
-    """A grid of images without ticks or frames, each with its title and lines of
-    caption [(text, colour)] under it; "none" when there are no images."""
+    """A grid of titled images, caption lines [(text, colour)] under each, or "none"."""
     lines, rows = max(map(len, captions), default=0), max(1, -(-len(images) // columns))
     figure, axes = new_figure(rows, columns, size=(14, (2.5 + 0.25 * lines) * rows))
     for index, axis in enumerate(axes.flat):
@@ -386,18 +373,12 @@ def plot_images(images, titles, captions, columns=8):
     return figure
 
 
-def answer(evaluation, index):
-    """A model's answer for one test image: its class and confidence."""
-    predicted = evaluation["class_names"][evaluation["predicted"][index]]
-    return f"{predicted} {evaluation['confidence'][index]:.0%}"
-
-
 def plot_misclassified(column, images, labels, count):
     """misclassified_<model>.png: the model's most confident mistakes."""
-    evaluation, names = column["evaluation"], column["evaluation"]["class_names"]
-    wrong = np.flatnonzero(~evaluation["correct"])
-    picks = wrong[np.argsort(-evaluation["confidence"][wrong], kind="stable")][:count]
-    titles = [f"{names[labels[i]]}\n→ {answer(evaluation, i)}" for i in picks]
+    wrong = np.flatnonzero(~column["correct"])
+    picks = wrong[np.argsort(-column["confidence"][wrong], kind="stable")][:count]
+    names, answers = column["class_names"], column["answers"]
+    titles = [f"{names[labels[i]]}\n→ {answers[i]}" for i in picks]
     figure = plot_images(images[picks], titles, [[]] * len(picks))
     what = f"the {len(picks)} most confident of {len(wrong):,} mistakes (true → guess)"
     what = what if len(wrong) else "no misclassified test images"
@@ -408,12 +389,11 @@ def plot_misclassified(column, images, labels, count):
 def plot_test_predictions(columns, images, labels, count, seed):
     """test_predictions.png: random test images, each model's answer (✓ right)."""
     picks = np.random.default_rng(seed).permutation(len(labels))[:count]
-    models = [(column["evaluation"], column["colour"]) for column in columns]
     captions = [
-        [(f"{'✓' if e['correct'][i] else '✗'} {answer(e, i)}", c) for e, c in models]
-        for i in picks
-    ]
-    titles = [f"true: {models[0][0]['class_names'][labels[i]]}" for i in picks]
+        [(f"{'✓' if c['correct'][i] else '✗'} {c['answers'][i]}", c["colour"])
+         for c in columns] for i in picks
+    ]  # fmt: skip
+    titles = [f"true: {columns[0]['class_names'][labels[i]]}" for i in picks]
     figure = plot_images(images[picks], titles, captions)
     handles = [Patch(color=column["colour"], label=column["name"]) for column in columns]
     figure.legend(handles=handles, loc="outside lower center", ncol=len(columns))
@@ -426,37 +406,20 @@ def plot_calibration(columns):
     size, grid = (5.5 * len(columns), 7), {"height_ratios": [3, 1]}
     figure, axes = new_figure(2, len(columns), size=size, sharex=True, gridspec_kw=grid)
     for top, bottom, column in zip(axes[0], axes[1], columns):
-        evaluation, colour = column["evaluation"], column["colour"]
-        table, confidence = evaluation["calibration"], evaluation["confidence"].mean()
-        width = 1 / len(table)
+        table, confidence = column["calibration"], column["confidence"].mean()
+        colour, width = column["colour"], 1 / len(table)
         centres = (np.arange(len(table)) + 0.5) * width
         top.bar(centres, table["accuracy"].fillna(0), width, color=colour, ec="white")
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin")
         top.legend(loc="upper left", fontsize=8)
-        ece, accuracy = evaluation["ece"], evaluation["accuracy"]
-        what = f"ECE {ece:.3f}, mean confidence {confidence:.2f}, accuracy {accuracy:.2f}"
+        what = f"ECE {column['ece']:.3f}, mean confidence {confidence:.2f}, "
+        what += f"accuracy {column['accuracy']:.2f}"
         top.set_title(f"{column['title']}\n{what}", fontsize=10)
         bottom.bar(centres, table["counts"], width, color=colour, edgecolor="white")
         bottom.set(xlabel="confidence (highest predicted probability)", ylabel="images")
     figure.suptitle(f"Calibration on the test set ({FIGURE_TTA}-averaged)")
     return figure
-
-
-def write_figures(columns, test, config, folder):
-    """Every figure into `folder`; returns their paths."""
-    images, labels, count = test.images, test.labels, config["MISCLASSIFIED_IMAGES"]
-    figures = {"curves_comparison": plot_curves(columns)}
-    for column in columns:
-        figures[f"confusion_{column['slug']}"] = plot_confusion(column)
-        mistakes = plot_misclassified(column, images, labels, count)
-        figures[f"misclassified_{column['slug']}"] = mistakes
-    figures["per_class_accuracy"] = plot_per_class_accuracy(columns)
-    picks = (images, labels, config["SAMPLE_IMAGES"], config["SEED"])
-    figures["test_predictions"] = plot_test_predictions(columns, *picks)
-    figures["calibration"] = plot_calibration(columns)
-    dpi, label = config["DPI"], config["DATA_LABEL"]
-    return [save_figure(f, folder / f"{n}.png", dpi, label) for n, f in figures.items()]
 
 
 def comparison_markdown(table, columns, level):
@@ -476,57 +439,17 @@ def comparison_markdown(table, columns, level):
         return f"{values.mean():.2%}{spread}"
 
     groups = table.groupby("model", sort=False)
-    keys = table.columns.drop(["model", "run", "seed"])
     rows = [
-        [key] + [cell(groups.get_group(c["name"])[key], key) for c in columns]
-        for key in keys
+        [ROW_NAMES.get(key, key.replace("_", " "))]
+        + [cell(groups.get_group(c["name"])[key], key) for c in columns]
+        for key in table.columns.drop(["model", "run", "seed"])
     ]
     return settings.markdown_table(["", *(column["name"] for column in columns)], rows)
 
 
-def confused_pairs(columns, top):
-    """Each model's most confused pairs and their share of the true class's images."""
-    rows = []
-    for column in columns:
-        confusion, names = (column["evaluation"][k] for k in ("confusion", "class_names"))
-        pairs = most_confused_pairs(confusion, top)
-        for rank, (true, guess, count) in enumerate(pairs, 1):
-            share = round(count / confusion[true].sum(), 4)
-            rows.append([column["name"], rank, names[true], names[guess], count, share])
-    header = ["model", "rank", "true", "predicted", "images", "share_of_true_class"]
-    return pd.DataFrame(rows, columns=header)
-
-
-def settings_markdown(columns):
-    """Each column's settings side by side, all its seeds' values, no machine paths."""
-    configs, extras = [], []
-    for column in columns:
-        for run in column["runs"]:
-            configs.append({f"`{k.lower()}`": repr(v) for k, v in run["config"].items()})
-            extras.append({k.replace("_", " "): run["saved"].get(k, "") for k in SAVED})
-            extras[-1].update({"run folder": shown(run["dir"]), "model": column["name"]})
-    frame = pd.concat([pd.DataFrame(configs), pd.DataFrame(extras)], axis=1)
-    cells = frame.fillna("").map(without_paths).groupby("model", sort=False)
-    cells = cells.agg(lambda values: ", ".join(dict.fromkeys(values)))
-    header = ["setting", *cells.index]
-    return settings.markdown_table(header, cells.T.reset_index().values)
-
-
-def export_markdown(columns):
-    """Each exported run's TensorFlow Lite table (export/export.md), no machine paths."""
-    blocks = ["## Deployment: TensorFlow Lite\n\nFrom `python export.py`."]
-    for column in columns:
-        for run in column["runs"]:
-            path = run["dir"] / "export" / "export.md"
-            if path.is_file():
-                body = path.read_text().partition("\n")[2].strip()
-                body = without_paths(body, run["dir"].resolve(), run["dir"])
-                blocks.append(f"### {column['name']} ({shown(run['dir'])})\n\n{body}")
-    return "\n\n".join(blocks) if blocks[1:] else ""
-
-
-def report_markdown(columns, table, pairs, hints, test, config, command):
-    """report.md: every figure and table on one page, figures linked by file name."""
+def report_markdown(columns, table, pairs, hints, test, config, argv):
+    """report.md: every figure and table on one page, figures linked by file name, each
+    exported run's TensorFlow Lite table and each run's settings; no machine paths."""
     gpus = ", ".join(training.gpu_names()) or "no GPU"
     machine = f"{settings.cpu_name()} ({os.cpu_count()} logical cores, {gpus}), "
     machine += f"{platform.system()}, TensorFlow {tf.__version__}"
@@ -547,7 +470,28 @@ def report_markdown(columns, table, pairs, hints, test, config, command):
         "and validation loss 0.67 and 0.79; MobileNetV2 over 95%, 0.20 and 0.25. Its "
         "last row, suitability for small data, needs runs with a small `--train_images`."
     )
+    exported = [
+        f"### {c['name']} ({settings.shown(run['dir'])})\n\n" + settings.without_paths(
+            (run["dir"] / "export" / "export.md").read_text().partition("\n")[2].strip(),
+            run["dir"].resolve(), run["dir"])
+        for c in columns for run in c["runs"]
+        if (run["dir"] / "export" / "export.md").is_file()
+    ]  # fmt: skip
+    if exported:
+        exported.insert(0, "## Deployment: TensorFlow Lite\n\nFrom `python export.py`.")
+    # The exact command, shell-quoted, each absolute path shown without this machine's.
+    command = shlex.join(["python", "evaluate.py", *map(settings.without_paths, argv)])
     label = f" of {config['DATA_LABEL']}" if config["DATA_LABEL"] else ""
+    runs = [
+        {**{f"`{k.lower()}`": repr(v) for k, v in run["config"].items()},
+         **{k.replace("_", " "): run["saved"].get(k, "") for k in SAVED},
+         "run folder": settings.shown(run["dir"]), "model": column["name"]}
+        for column in columns for run in column["runs"]
+    ]  # fmt: skip
+    frame = pd.DataFrame(runs)  # settings first, then what else config.json holds
+    frame = frame[sorted(frame, key=lambda name: not name.startswith("`"))]
+    cells = frame.fillna("").map(settings.without_paths).groupby("model", sort=False)
+    cells = cells.agg(lambda values: ", ".join(dict.fromkeys(values)))  # seeds' values
     tables = ["comparison.md", "comparison.csv", "confused_pairs.csv"]
     tables += [f"confusion_{c['slug']}.csv" for c in columns]
 
@@ -558,14 +502,13 @@ def report_markdown(columns, table, pairs, hints, test, config, command):
         f"# {test.dataset}: {' vs '.join(column['name'] for column in columns)}",
         (
             f"Made by: `{command}` on {datetime.now():%Y-%m-%d %H:%M}. Test set: "
-            f"{len(test.labels):,} images{label} from `{without_paths(test.source)}`."
+            f"{len(test.labels):,} images{label} from `{settings.without_paths(test.source)}`."
         ),
-        *[f"> **Missing:** {without_paths(hint)}" for hint in hints],
-        "## The comparison",
-        comparison_markdown(table, columns, config["INTERVAL"]),
+        *[f"> **Missing:** {settings.without_paths(hint)}" for hint in hints],
+        f"## The comparison\n\n{comparison_markdown(table, columns, config['INTERVAL'])}",
         notes,
         "Tables: " + ", ".join(f"[{name}]({name})" for name in tables) + ".",
-        export_markdown(columns),
+        *exported,
         "## Learning curves\n\n![Learning curves](curves_comparison.png)",
         "## Confusion matrices",
         *figures("confusion", "Confusion matrix"),
@@ -580,13 +523,9 @@ def report_markdown(columns, table, pairs, hints, test, config, command):
         "## Classification reports",
         *[f"### {c['title']}\n\n```\n{c['report'].rstrip()}\n```" for c in columns],
         "## Settings of each run",
-        settings_markdown(columns),
+        settings.markdown_table(["setting", *cells.index], cells.T.reset_index().values),
     ]
-    return "\n\n".join(block for block in blocks if block) + "\n"
-
-
-# ---------------------------------------------------------------------------------
-# main: python evaluate.py
+    return "\n\n".join(blocks) + "\n"
 
 
 def main(argv):
@@ -598,42 +537,49 @@ def main(argv):
     columns = group_columns([read_run(run_dir) for run_dir in run_dirs])
     plots_dir = Path(config["PLOTS_DIR"]).expanduser()
     plots_dir.mkdir(parents=True, exist_ok=True)
-
     cache, rows = {}, []
     for column in columns:
         for run in column["runs"]:
             test = load_test_set(run, config["DATA_DIR"], cache)
             rows.append(evaluate_run(column, run, test, config))
-        column["evaluation"] = column["runs"][0]["evaluation"]
-    table, names = pd.DataFrame(rows), test.class_names
-    index = pd.Index(names, name="true \\ predicted")  # confusion rows
-    pairs = confused_pairs(columns, config["TOP_CONFUSED_PAIRS"])
-    tables = {"comparison.csv": table.to_csv(index=False)}
-    tables["comparison.md"] = comparison_markdown(table, columns, config["INTERVAL"])
-    tables["confused_pairs.csv"] = pairs.to_csv(index=False)
+        column.update(column["runs"][0]["evaluation"])  # its figures show its first run
+    table = pd.DataFrame(rows)
+    picks = (test.images, test.labels, config["SAMPLE_IMAGES"], config["SEED"])
+    mistakes = (test.images, test.labels, config["MISCLASSIFIED_IMAGES"])
+    files = {
+        "comparison.csv": table.to_csv(index=False),
+        "comparison.md": comparison_markdown(table, columns, config["INTERVAL"]),
+        "curves_comparison.png": plot_curves(columns),
+        "per_class_accuracy.png": plot_per_class_accuracy(columns),
+        "test_predictions.png": plot_test_predictions(columns, *picks),
+        "calibration.png": plot_calibration(columns),
+    }
+    names, pairs = test.class_names, []
     for column in columns:
-        evaluation, slug = column["evaluation"], column["slug"]
-        column["report"] = classification_report(
-            test.labels, evaluation["predicted"], labels=range(len(names)),
-            target_names=names, digits=4, zero_division=0,
-        )  # fmt: skip
-        tables[f"classification_report_{slug}.txt"] = column["report"]
-        confusion = pd.DataFrame(evaluation["confusion"], index, names)
-        tables[f"confusion_{slug}.csv"] = confusion.to_csv()
-    # The exact command, shell-quoted, each absolute path shown without this machine's.
-    command = shlex.join(["python", "evaluate.py", *map(without_paths, argv)])
-    report = report_markdown(columns, table, pairs, hints, test, config, command)
-    files = write_figures(columns, test, config, plots_dir)
-    for name, text in {**tables, "report.md": report}.items():
-        files.append(settings.write_text(plots_dir / name, text))
-    for path in files:
-        print(f"wrote {path}")
+        slug, confusion = column["slug"], column["confusion"]
+        index = pd.Index(names, name="true \\ predicted")  # confusion rows
+        files[f"confusion_{slug}.csv"] = pd.DataFrame(confusion, index, names).to_csv()
+        files[f"classification_report_{slug}.txt"] = column["report"]
+        files[f"confusion_{slug}.png"] = plot_confusion(column)
+        files[f"misclassified_{slug}.png"] = plot_misclassified(column, *mistakes)
+        top = most_confused_pairs(confusion, config["TOP_CONFUSED_PAIRS"])
+        for rank, (true, guess, count) in enumerate(top, 1):
+            share = round(count / confusion[true].sum(), 4)  # of the true class's images
+            pairs.append([column["name"], rank, names[true], names[guess], count, share])
+    header = ["model", "rank", "true", "predicted", "images", "share_of_true_class"]
+    pairs = pd.DataFrame(pairs, columns=header)
+    files["confused_pairs.csv"] = pairs.to_csv(index=False)
+    files["report.md"] = report_markdown(columns, table, pairs, hints, test, config, argv)
+    for name, content in files.items():  # report.md last, once all it shows is there
+        if name.endswith(".png"):
+            save_figure(content, plots_dir / name, config["DPI"], config["DATA_LABEL"])
+        else:
+            settings.write_text(plots_dir / name, content)
+        print(f"wrote {plots_dir / name}")
     return {
         "columns": {c["name"]: [run["dir"] for run in c["runs"]] for c in columns},
-        "plots_dir": plots_dir.resolve(),
-        "files": sorted(path.name for path in files),
-        "hints": hints,
-    }
+        "plots_dir": plots_dir.resolve(), "files": sorted(files), "hints": hints,
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

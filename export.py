@@ -5,9 +5,8 @@ for what it costs (size, latency) and what it keeps (test accuracy, agreement wi
     python export.py --run=runs/scratch_cnn/20250101-120000    # one chosen run
     python export.py --forms=float32,int8 --latency_runs=1000  # two forms, steadier
 
-Writes RUN/export/, whole or not at all: a .tflite file per form, and export.md, .csv and
-.json: each form's size, test accuracy and agreement with Keras (one pass per image), and
-latency per image on one thread and on all cores. Results: the README's Deploy section.
+Writes RUN/export/ whole or not at all: a .tflite file per form; export.md, .csv and .json
+with each form's size, accuracy, agreement, latency. Results: the README's Deploy section.
 """
 
 import settings
@@ -77,12 +76,11 @@ def check_config(config):
 
 
 # ---------------------------------------------------------------------------------
-# Data: the runs, and each run's own split and preprocessing from its config.json
+# Data: the finished runs to export
 
 
 def runs_to_export(out_dir, chosen):
-    """The finished run `chosen` names (else exit 2), or the newest finished run of each
-    training script in `out_dir`; no run at all is exit 3."""
+    """The finished run `chosen` (else exit 2), or each script's newest (none: exit 3)."""
     if chosen:
         return [settings.finished_run(chosen, f"--run={chosen}")]
     runs = []
@@ -99,19 +97,6 @@ def runs_to_export(out_dir, chosen):
     return runs
 
 
-def run_data(saved, config):
-    """The run's pipelines as training built them, and CALIBRATION_IMAGES images of its
-    shuffled training pipeline with augmentation off, so they look like test images."""
-    run_config = dict(saved["config"])
-    for name in run_config:
-        if name.startswith("AUGMENT_"):
-            run_config[name] = "none" if name == "AUGMENT_FLIP" else 0  # off
-    run_config["DATA_DIR"] = config["DATA_DIR"] or run_config["DATA_DIR"]
-    pipelines = data.pipelines_for(run_config, tuple(saved["value_range"]))
-    calibration = pipelines.train.unbatch().take(config["CALIBRATION_IMAGES"])
-    return pipelines, np.stack([image for image, _ in calibration.as_numpy_iterator()])
-
-
 # ---------------------------------------------------------------------------------
 # Model: the Keras model to each TensorFlow Lite form, and each form measured
 
@@ -126,8 +111,7 @@ def convert(model, form, calibration):
     if form == "int8":
         converter.representative_dataset = lambda: ([x[None]] for x in calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        converter.inference_input_type = converter.inference_output_type = tf.int8
     try:
         # Keras prints the signature of the SavedModel the converter goes through, and
         # the int8 converter asks for input statistics the calibration already gives.
@@ -135,15 +119,12 @@ def convert(model, form, calibration):
             warnings.filterwarnings("ignore", "Statistics for quantized inputs")
             return converter.convert()
     except Exception as error:  # noqa: BLE001 - the converter raises many kinds
-        reason = str(error).splitlines()[0] if str(error) else ""
-        raise settings.DataError(
-            f"the {form} conversion failed ({type(error).__name__}: {reason})"
-        ) from None
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        raise settings.DataError(f"the {form} conversion failed ({reason})") from None
 
 
 def lite_runner(model_bytes, threads):
-    """A function from a float32 batch to the .tflite model's raw outputs (the argmax
-    needs no dequantizing); int8 inputs get the model's own scale and zero point."""
+    """A function: float32 batch -> raw outputs (argmax needs no dequantizing)."""
     interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=threads)
     given = interpreter.get_input_details()[0]
     output = interpreter.get_output_details()[0]
@@ -154,7 +135,7 @@ def lite_runner(model_bytes, threads):
             interpreter.resize_tensor_input(given["index"], images.shape)
             interpreter.allocate_tensors()
             allocated[:] = [images.shape]
-        if given["dtype"] == np.int8:
+        if given["dtype"] == np.int8:  # quantized with the model's own scale
             scale, zero_point = given["quantization"]
             images = np.clip(np.round(images / scale + zero_point), -128, 127)
         interpreter.set_tensor(given["index"], images.astype(given["dtype"]))
@@ -170,17 +151,8 @@ def median_ms(call, image, warmup, runs):
     return 1000 * np.median(timeit.repeat(lambda: call(image), number=1, repeat=runs))
 
 
-def keras_ms_one_thread(run_dir, warmup, runs):
-    """ms per image of the run's Keras model on one thread, timed in a fresh Python
-    (TensorFlow sizes its thread pools once, when it starts) without its notices."""
-    arguments = ["-c", "import export; export.child()", run_dir.resolve(), warmup, runs]
-    command = [sys.executable, *map(str, arguments)]
-    timing = lambda: subprocess.check_output(command, cwd=Path(__file__).parent)
-    return float(settings.quietly(timing).split()[-1])
-
-
 def child():
-    """keras_ms_one_thread's child: prints the ms per image of a run's model (argv)."""
+    """Print the ms per image of the Keras model of a run (argv) on one thread."""
     run_dir, warmup, runs = sys.argv[1:]
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -190,26 +162,27 @@ def child():
 
 
 def measure(run, files, lite, test_data, config):
-    """The export table: for "keras" and each form (`lite`: .tflite bytes), file size,
-    test accuracy and agreement with Keras (one pass per image), ms per image."""
+    """The export table: Keras and each form's (`lite`) size, accuracy, agreement, ms."""
     runners = {form: lite_runner(content, CORES) for form, content in lite.items()}
-    labels, predicted = [], {name: [] for name in files}
-    for images, one_hot in test_data:
-        labels.append(one_hot.numpy().argmax(axis=1))
-        predicted["keras"].append(run["model"].predict_on_batch(images).argmax(axis=1))
-        for form, runner in runners.items():
-            predicted[form].append(runner(images.numpy()).argmax(axis=1))
-    labels = np.concatenate(labels)
-    predicted = {name: np.concatenate(classes) for name, classes in predicted.items()}
-    timing = (images.numpy()[:1], config["WARMUP_RUNS"], config["LATENCY_RUNS"])
+    probabilities, one_hot = training.predict_probabilities(run["model"], test_data)
+    labels, predicted = one_hot.argmax(axis=1), {"keras": probabilities.argmax(axis=1)}
+    for form, runner in runners.items():
+        batches = [runner(images.numpy()).argmax(axis=1) for images, _ in test_data]
+        predicted[form] = np.concatenate(batches)
+    image = next(iter(test_data))[0][:1].numpy()  # one preprocessed test image
+    timing = (image, config["WARMUP_RUNS"], config["LATENCY_RUNS"])
     latency = {
         form: [median_ms(lite_runner(lite[form], 1), *timing), median_ms(runner, *timing)]
         for form, runner in runners.items()
     }
-    # Keras timed as a deployed TensorFlow model runs it: a compiled tf.function.
+    # Keras timed as a deployed TensorFlow model runs it: a compiled tf.function; on one
+    # thread in a fresh Python (TensorFlow sizes its thread pools once, when it starts).
     latency["keras"] = [None, median_ms(tf.function(run["model"]), *timing)]
     if config["KERAS_ONE_THREAD"]:
-        latency["keras"][0] = keras_ms_one_thread(run["dir"], *timing[1:])
+        arguments = map(str, [run["dir"].resolve(), *timing[1:]])
+        command = [sys.executable, "-c", "import export; export.child()", *arguments]
+        output = lambda: subprocess.check_output(command, cwd=Path(__file__).parent)
+        latency["keras"][0] = float(settings.quietly(output).split()[-1])
     rows = [
         (name, path.name, path.stat().st_size / 1e6, np.mean(predicted[name] == labels))
         + (np.mean(predicted[name] == predicted["keras"]), *latency[name])
@@ -222,23 +195,8 @@ def measure(run, files, lite, test_data, config):
 # Save/Report: export.md, .csv and .json in a new folder, swapped in whole; main()
 
 
-def shown(path):
-    """`path` relative to the current folder when below it, else its last part."""
-    path, here = Path(path).expanduser().resolve(), Path.cwd().resolve()
-    return str(path.relative_to(here)) if path.is_relative_to(here) else path.name
-
-
-def shown_command(argv):
-    """The command line that made the export, its paths shown as shown() shows them."""
-    words = ["python", "export.py"]
-    for flag, text in settings.split_arguments(argv, ["keras_one_thread"]):
-        text = shown(text) if flag in PATH_SETTINGS and text else text
-        words.append(f"--{flag}={text}")
-    return shlex.join(words)
-
-
-def table_markdown(frame):
-    """The export table: one row per form, the Keras model first."""
+def export_markdown(run, frame, pipelines, config, command):
+    """export.md: a title, how it was measured, the table (Keras first), each form."""
     header = ["form", "file", "size, MB", "test accuracy", "agrees with Keras"]
     header += ["ms/image, 1 thread", f"ms/image, all cores ({frame['all_cores'][0]})"]
     rows = [
@@ -246,66 +204,67 @@ def table_markdown(frame):
         + [f"{row.agreement:.2%}", f"{row.ms_one_thread:.3f}", f"{row.ms_all_cores:.3f}"]
         for row in frame.itertuples()
     ]
-    return settings.markdown_table(header, rows).replace(" nan |", " not measured |")
-
-
-def export_markdown(run, frame, pipelines, config, command):
-    """export.md: a title line, how it was measured, the table, what each form is."""
     saved, tta = run["saved"], run["metrics"].get("tta", "none")
     augmented = f" (the run's own test accuracy is with {tta})" if tta != "none" else ""
     source, marker, rest = pipelines.source.partition(" (class folders")
     calibrated = min(config["CALIBRATION_IMAGES"], pipelines.sizes["train"])
-    notes = [
+    forms = "\n".join(f"- `{form}`: {FORM_DESCRIPTIONS[form]}" for form in frame.form[1:])
+    table = settings.markdown_table(header, rows).replace(" nan |", " not measured |")
+    return (
         f"# TensorFlow Lite: {settings.model_name(saved['script'], saved['config'])}"
-        f", run `{shown(run['dir'])}`",
+        f", run `{settings.shown(run['dir'])}`\n\n"
         f"Made by `{command}` on {datetime.now():%Y-%m-%d %H:%M} ({saved['script']}, "
         f"{saved['config']['IMG_SIZE']} px, inputs in {list(saved['value_range'])}). "
-        f"Test set: all {pipelines.sizes['test']:,} images from `{shown(source)}"
+        f"Test set: all {pipelines.sizes['test']:,} images from `{settings.shown(source)}"
         f"{marker}{rest}`, preprocessed as the run was; agreement is the share of test "
         "images whose predicted class equals the Keras model's. Every figure, Keras's "
-        f"too, is single-pass, without test-time augmentation{augmented}.",
+        f"too, is single-pass, without test-time augmentation{augmented}.\n\n"
         f"Latency: median of {config['LATENCY_RUNS']} single-image invocations after "
         f"{config['WARMUP_RUNS']} warm-up ones, input already preprocessed, on "
         f"{settings.cpu_name()}, {CORES} cores, TensorFlow {tf.__version__}: TensorFlow "
         "Lite through `tf.lite.Interpreter` and its default CPU delegate, Keras as a "
-        "compiled `tf.function`. `model.keras` holds the optimizer state too.",
-        table_markdown(frame),
-        "\n".join(
-            f"- `{form}`: " + FORM_DESCRIPTIONS[form].format(calibrated=calibrated)
-            for form in frame["form"][1:]
-        ),
-    ]
-    return "\n\n".join(notes) + "\n"
+        "compiled `tf.function`. `model.keras` holds the optimizer state too.\n\n"
+        f"{table}\n\n{forms.format(calibrated=calibrated)}\n"
+    )
 
 
 def export_run(run, forms, config, command):
-    """Convert, measure and write RUN/export/ for one run; returns the table. The new
-    folder is built beside the old one, which it replaces only once complete."""
-    pipelines, calibration = run_data(run["saved"], config)
+    """RUN/export/ for one run, built beside the old one and swapped in once complete."""
+    # The run's data as training split and scaled it; calibration images from its
+    # shuffled training pipeline with augmentation off, so they look like test images.
+    off = {name: 0 for name in run["saved"]["config"] if name.startswith("AUGMENT_")}
+    trained = {**run["saved"]["config"], **off, "AUGMENT_FLIP": "none"}
+    trained["DATA_DIR"] = config["DATA_DIR"] or trained["DATA_DIR"]
+    pipelines = data.pipelines_for(trained, tuple(run["saved"]["value_range"]))
+    calibration = pipelines.train.unbatch().take(config["CALIBRATION_IMAGES"])
+    calibration = np.stack([image for image, _ in calibration.as_numpy_iterator()])
     build = Path(tempfile.mkdtemp(prefix=".export-", dir=run["dir"]))
     try:
         files, lite = {"keras": run["dir"] / "model.keras"}, {}
         for form in forms:
-            print(f"{shown(run['dir'])}: converting to {form}")
+            print(f"{settings.shown(run['dir'])}: converting to {form}")
             lite[form] = convert(run["model"], form, calibration)
             files[form] = build / f"{form}.tflite"
             files[form].write_bytes(lite[form])
-        print(f"{shown(run['dir'])}: measuring, {pipelines.sizes['test']:,} test images")
+        print(
+            f"{settings.shown(run['dir'])}: measuring, {pipelines.sizes['test']:,} test images"
+        )
         frame = measure(run, files, lite, pipelines.test, config)
         summary = frame.set_index("form")[list(MEASURES)].stack().dropna()
         summary.index = [f"{form}_{name}" for form, name in summary.index]
         settings.write_json(build / "export.json", summary.to_dict())
         settings.write_text(build / "export.csv", frame.to_csv(index=False))
-        markdown = export_markdown(run, frame, pipelines, config, command)
-        settings.write_text(build / "export.md", markdown)
-        old = run["dir"] / f".export-old-{os.getpid()}"
-        if (run["dir"] / "export").exists():
-            (run["dir"] / "export").rename(old)
-        build.rename(run["dir"] / "export")
+        text = export_markdown(run, frame, pipelines, config, command)
+        settings.write_text(build / "export.md", text)
+        final, old = run["dir"] / "export", run["dir"] / f".export-old-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        build.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already when it succeeded
-    print(f"wrote {shown(run['dir'] / 'export')}/\n{table_markdown(frame)}")
+    table = "\n".join(line for line in text.splitlines() if line.startswith("| "))
+    print(f"wrote {settings.shown(final)}/\n{table}")
     return frame
 
 
@@ -314,15 +273,16 @@ def main(argv):
     forms = check_config(config)
     # Every run checked and its model loaded before anything is written.
     runs = [
-        {
-            "dir": run_dir,
-            "saved": settings.read_json(run_dir / "config.json"),
-            "metrics": settings.read_json(run_dir / "metrics.json"),
-            "model": training.load_checkpoint(run_dir),
-        }
+        {"dir": run_dir, "saved": settings.read_json(run_dir / "config.json"),
+         "metrics": settings.read_json(run_dir / "metrics.json"),
+         "model": training.load_checkpoint(run_dir)}
         for run_dir in runs_to_export(config["OUT_DIR"], config["RUN"])
-    ]
-    command = shown_command(argv)
+    ]  # fmt: skip
+    # The command as it ran, its paths shown as export.md shows every path.
+    words = settings.split_arguments(argv, ["keras_one_thread"])
+    words = [f"--{flag}={settings.shown(text) if flag in PATH_SETTINGS and text else text}"
+             for flag, text in words]  # fmt: skip
+    command = shlex.join(["python", "export.py", *words])
     return {run["dir"]: export_run(run, forms, config, command) for run in runs}
 
 

@@ -394,6 +394,22 @@ def cpu_flags():
     return set((_cpuinfo("flags") or "").split())
 
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:])/[\w.~-]+/[^\s,;()'\"`|]*")  # not /device:0
+
+
+def shown(path):
+    """A path as reports show it: relative, below the current folder; else its name."""
+    path, here = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else path.name
+
+
+def without_paths(text, *known):
+    """`text` with each absolute path, and each `known` one (spaces and all), shown."""
+    for path in known:
+        text = str(text).replace(str(path), shown(path))
+    return ABSOLUTE_PATH.sub(lambda match: shown(match.group()), str(text))
+
+
 def list_runs(out_dir, script, finished):
     """Run folders of `script` (with metrics.json if `finished`), oldest first by name, a
     timestamp: a folder's modification time changes when a later tool writes into it."""
