@@ -4,11 +4,11 @@ way (the whole set converted to float32 and resized up front, then `fit` on the 
     python bench.py            # full run: prints the table, writes bench.json
     python bench.py --quick    # smoke check on tiny sets: code paths, not numbers
 
-Per model, as its script's compiled_model builds it (MobileNetV2 from random weights),
-on random data: 1. the pipeline alone, 2. training on one batch from memory, 3. through
-the pipeline, 4. peak memory on a full-size set, 5. the naive way, 6. float32 against
-mixed precision, XLA on and off. Each case runs in a process of its own, stopped past
-the memory limit. README, Performance, has the table of a full run.
+Per model as its script's compiled_model builds it (MobileNetV2 from random weights), on
+random data: 1. the pipeline alone, 2. training on one batch from memory, 3. through the
+pipeline, 4. peak memory on a full-size set, 5. the naive way, 6. float32 against mixed
+precision, XLA on and off. Each case runs in a process of its own, stopped past the
+memory limit. README, Performance, has the table of a full run.
 """
 
 import settings
@@ -72,6 +72,12 @@ MODELS = {"scratch_cnn": scratch_cnn, "transfer_mobilenetv2": transfer_mobilenet
 MODELS["random_start"] = transfer_mobilenetv2  # as --weights=none trains it
 BATCH = {scratch_cnn: "SCRATCH_BATCH_SIZE", transfer_mobilenetv2: "TRANSFER_BATCH_SIZE"}
 NAIVE_MODELS = ("scratch_cnn", "transfer_mobilenetv2")  # the naive way, as the report
+TARGETS = {  # row id: the setting that holds its target; the other rows have none
+    "end_to_end_scratch_cnn": "TARGET_SCRATCH_RATE",
+    "peak_memory_transfer_mobilenetv2": "TARGET_MEMORY_GB",
+    "speedup_transfer_mobilenetv2": "TARGET_SPEEDUP",
+    "memory_saving_transfer_mobilenetv2": "TARGET_MEMORY_SAVING",
+} | {f"end_to_end_share_{model}": "TARGET_END_TO_END_SHARE" for model in MODELS}
 
 
 def sizes(config):
@@ -79,10 +85,9 @@ def sizes(config):
     quick = "QUICK_" if config["QUICK"] else ""
     names = ("IMAGES", "STEPS", "ROUNDS", "WARMUP_STEPS", "PIPELINE_BATCHES")
     run = {name.lower(): config[quick + name] for name in names}
-    run["batch_size"] = {
-        model: config["QUICK_BATCH_SIZE" if quick else BATCH[script]]
-        for model, script in MODELS.items()
-    }
+    run["batch_size"] = {model: config[BATCH[script]] for model, script in MODELS.items()}
+    if quick:  # one for every model
+        run["batch_size"] = dict.fromkeys(MODELS, config["QUICK_BATCH_SIZE"])
     run["image_size"] = {model: MODELS[model].CONFIG["IMG_SIZE"] for model in MODELS}
     return run
 
@@ -106,12 +111,10 @@ def model_config(model, config, **changes):
 
 def build(model, config, train_images, **changes):
     """The model as its script compiles it for a run (MobileNetV2 from random weights)."""
-    built = model_config(model, config, **changes)
-    steps_per_epoch = max(sizes(config)["images"] // built["BATCH_SIZE"], 1)
-    weights = {} if MODELS[model] is scratch_cnn else {"weights": None}
-    return MODELS[model].compiled_model(
-        built, train_images, data.NUM_CLASSES, steps_per_epoch, **weights
-    )
+    built, script = model_config(model, config, **changes), MODELS[model]
+    steps = max(sizes(config)["images"] // built["BATCH_SIZE"], 1)
+    weights = {} if script is scratch_cnn else {"weights": None}  # random: no download
+    return script.compiled_model(built, train_images, data.NUM_CLASSES, steps, **weights)
 
 
 def step_seconds(model, x, y=None, *, steps, batch_size=None, shuffle=False):
@@ -213,15 +216,14 @@ def naive_case(kind, model, config):
 def run_case(case, config):
     """Child side: run one case and print its result as the last stdout line."""
     kind, _, model = case.partition(":")
-    settings.require(
-        kind in ("streaming", "precision", "naive") and model in MODELS,
-        f"--case={case}: expected streaming|precision|naive:{'|'.join(MODELS)}",
-    )
+    kinds = {"streaming": training_case, "precision": training_case, "naive": naive_case}
+    expected = f"--case={case}: expected {'|'.join(kinds)}:{'|'.join(MODELS)}"
+    settings.require(kind in kinds and model in MODELS, expected)
     for gpu in tf.config.list_physical_devices("GPU"):  # --quick: two cases share it
         tf.config.experimental.set_memory_growth(gpu, True)
     training.seed_everything(config["SEED"])
     start, run = time.perf_counter(), sizes(config)
-    result = (naive_case if kind == "naive" else training_case)(kind, model, config)
+    result = kinds[kind](kind, model, config)
     result.update(
         case=case, images=run["images"], image_size=run["image_size"][model],
         batch_size=run["batch_size"][model], case_seconds=time.perf_counter() - start,
@@ -244,11 +246,9 @@ def proc_bytes(file, field):
 
 
 def run_child(case, config, started):
-    """Parent side: `case` run in a fresh process with this run's settings; its result.
-    Its output goes to a file (a full pipe would block it). Past its memory limit (90%
-    of the memory free as it starts, or MEMORY_LIMIT_GB) it is stopped, and says so."""
-    changed = {name: value for name, value in config.items() if value != CONFIG[name]}
-    flags = [f"--{name.lower()}={value!r}" for name, value in changed.items()]
+    """Parent side: `case` run in a fresh process, its output to a file (a full pipe
+    would block it); stopped past MEMORY_LIMIT_GB (0: 90% of the memory free at start)."""
+    flags = [f"--{n.lower()}={v!r}" for n, v in config.items() if v != CONFIG[n]]
     free = proc_bytes("meminfo", "MemAvailable") or float("inf")  # off Linux: unknown
     limit = config["MEMORY_LIMIT_GB"] * GB or 0.9 * free
     start, peak, over_limit = time.perf_counter(), 0, False
@@ -328,12 +328,13 @@ def format_value(value, unit):
 
 
 def make_rows(config, run, cases):
-    """The table's rows, in the docstring's steps 1-6. A case stopped at the memory
-    limit has no rates, and its peak memory is a lower bound."""
+    """The table's rows, in the docstring's steps 1-6; a case stopped at the memory limit
+    has no rates, and its peak memory is a lower bound."""
     rows, images, quick = [], run["images"], config["QUICK"]
 
-    def row(step, key, measure, of, value, unit, target=None, lower_bound=False, **facts):
-        at_least = unit != "GB"  # memory: at most
+    def row(step, name, measure, of, value, unit, lower_bound=False, **facts):
+        key = facts.pop("id", f"{name}_{of}")
+        target, at_least = config.get(TARGETS.get(key)), unit != "GB"  # memory: at most
         shown = target and (">= " if at_least else "<= ") + format_value(target, unit)
         bound = " (at least: stopped at the limit)" if lower_bound else ""
         rows.append({
@@ -346,49 +347,38 @@ def make_rows(config, run, cases):
 
     ours = {model: cases[f"streaming:{model}"] for model in MODELS}
     for model in NAIVE_MODELS:  # the pipelines at 32 and 96 px
-        row(1, f"pipeline_{run['image_size'][model]}px", "input pipeline alone",
-            model, rate(ours[model], "pipeline"), "images/s", model="-")  # fmt: skip
+        row(1, "pipeline", "input pipeline alone", model, rate(ours[model], "pipeline"),
+            "images/s", model="-",
+            id=f"pipeline_{run['image_size'][model]}px")  # fmt: skip
     for model, case in ours.items():
-        scratch, transfer = model == "scratch_cnn", model == "transfer_mobilenetv2"
-        row(2, f"compute_{model}", "training, compute only (one batch from memory)",
-            model, rate(case, "compute"), "images/s")  # fmt: skip
-        row(3, f"end_to_end_{model}", "training, end to end (data.py pipeline)", model,
-            rate(case, "end_to_end"), "images/s",
-            config["TARGET_SCRATCH_RATE"] if scratch else None)  # fmt: skip
-        row(3, f"end_to_end_share_{model}", "end to end / compute only", model,
-            rate(case, "end_to_end", (case, "compute")), "%",
-            config["TARGET_END_TO_END_SHARE"])  # fmt: skip
-        row(4, f"peak_memory_{model}", f"peak memory, training on {images:,} images",
-            model, case["peak_rss_bytes"] / GB, "GB",
-            config["TARGET_MEMORY_GB"] if transfer else None,
-            case["stopped_at_limit"])  # fmt: skip
+        row(2, "compute", "training, compute only (one batch from memory)", model,
+            rate(case, "compute"), "images/s")  # fmt: skip
+        row(3, "end_to_end", "training, end to end (data.py pipeline)", model,
+            rate(case, "end_to_end"), "images/s")  # fmt: skip
+        row(3, "end_to_end_share", "end to end / compute only", model,
+            rate(case, "end_to_end", (case, "compute")), "%")  # fmt: skip
+        row(4, "peak_memory", f"peak memory, training on {images:,} images", model,
+            case["peak_rss_bytes"] / GB, "GB", case["stopped_at_limit"])  # fmt: skip
     for model in NAIVE_MODELS:
-        naive, transfer = cases[f"naive:{model}"], model == "transfer_mobilenetv2"
+        naive, mine = cases[f"naive:{model}"], ours[model]
         smaller = naive.get("fallback", {})
         on = f", on {smaller['images']:,} images" if "naive" in smaller else ""
-        row(5, f"naive_rate_{model}", "naive: training rate (float32 arrays, fit)" + on,
-            model, rate(naive, "naive"), "images/s")  # fmt: skip
-        row(5, f"naive_peak_memory_{model}", f"naive: peak memory, {images:,} images",
-            model, naive["peak_rss_bytes"] / GB, "GB",
-            lower_bound=naive["stopped_at_limit"])  # fmt: skip
-        row(5, f"speedup_{model}", "ours / naive, training rate", model,
-            rate(ours[model], "end_to_end", (naive, "naive")), "x",
-            config["TARGET_SPEEDUP"] if transfer else None)  # fmt: skip
-        stopped = ours[model]["stopped_at_limit"]  # then ours is a lower bound: no ratio
-        saving = (
-            None if stopped else naive["peak_rss_bytes"] / ours[model]["peak_rss_bytes"]
-        )
-        row(5, f"memory_saving_{model}", "naive / ours, peak memory", model, saving, "x",
-            config["TARGET_MEMORY_SAVING"] if transfer else None,
+        row(5, "naive_rate", "naive: training rate (float32 arrays, fit)" + on, model,
+            rate(naive, "naive"), "images/s")  # fmt: skip
+        row(5, "naive_peak_memory", f"naive: peak memory, {images:,} images", model,
+            naive["peak_rss_bytes"] / GB, "GB", naive["stopped_at_limit"])  # fmt: skip
+        row(5, "speedup", "ours / naive, training rate", model,
+            rate(mine, "end_to_end", (naive, "naive")), "x")  # fmt: skip
+        stopped = mine["stopped_at_limit"]  # then ours is a lower bound: no ratio
+        saving = None if stopped else naive["peak_rss_bytes"] / mine["peak_rss_bytes"]
+        row(5, "memory_saving", "naive / ours, peak memory", model, saving, "x",
             naive["stopped_at_limit"])  # fmt: skip
-    for model, case in ((model, cases.get(f"precision:{model}")) for model in MODELS):
-        if case is None:  # --quick times mixed precision and XLA on the CNN alone
-            continue
-        policy = case.get("mixed_policy", "mixed precision")
-        row(6, f"mixed_precision_{model}", f"compute only, {policy} / float32", model,
-            rate(case, "mixed", (case, "float32")), "x")  # fmt: skip
+    for model in [model for model in MODELS if f"precision:{model}" in cases]:
+        case = cases[f"precision:{model}"]  # --quick: the CNN's alone
+        row(6, "mixed_precision", f"compute only, {case['mixed_policy']} / float32",
+            model, rate(case, "mixed", (case, "float32")), "x")  # fmt: skip
         if "xla" in case or model == "scratch_cnn":
-            row(6, f"xla_{model}", "compute only, XLA on / off (float32)", model,
+            row(6, "xla", "compute only, XLA on / off (float32)", model,
                 rate(case, "xla", (case, "float32")), "x")  # fmt: skip
     return sorted(rows, key=lambda row: row["step"])  # stable: each step's own order
 
@@ -438,23 +428,22 @@ def main(argv):
         "platform": sys.platform, "python": sys.version.split()[0],
         "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
     }  # fmt: skip
-    units, gpus = (
-        ", ".join(machine[key]) or "none" for key in ("bfloat16_units", "gpus")
-    )
-    described = f"{machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB, "
-    described += f"bfloat16 units: {units}), GPU: {gpus}, load average "
-    described += f"{machine['load_average_at_start']} at the start"
+    units, gpus = (", ".join(machine[k]) or "none" for k in ("bfloat16_units", "gpus"))
+    heading = f"`{command}` on {machine['cpu']} ({machine['cores']} cores, "
+    heading += f"{machine['memory_gb']} GB, bfloat16 units: {units}), GPU: {gpus}, load "
+    heading += f"average {machine['load_average_at_start']} at the start; TensorFlow "
+    heading += f"{machine['tensorflow']}, Keras {machine['keras']}"
+    heading += ". --quick: no target judged." if quick else "."
 
     # One case at a time, so none slows another; under --quick, whose rates are no
     # measurement, two at once, the slow MobileNetV2 cases first; the CNN's precision.
     cases = [f"{kind}:{model}" for kind in ("streaming", "precision") for model in MODELS]
     cases += [f"naive:{model}" for model in NAIVE_MODELS]
-    if quick:
-        cases = [case for case in cases if "precision" not in case or "scratch" in case]
+    cases = [c for c in cases if not quick or "precision" not in c or "scratch" in c]
     cases.sort(key=lambda case: "scratch" in case)
     cases = run_children(cases, config, config["QUICK_CASES_AT_ONCE"] if quick else 1)
     # A naive case past the limit (many GB at 96 px): its rate from a smaller set.
-    fallback = min(config["NAIVE_FALLBACK_IMAGES"], run["images"])
+    fallback = config["NAIVE_FALLBACK_IMAGES"]
     smaller = {**config, "IMAGES": fallback, "QUICK_IMAGES": fallback}
     for case, result in cases.items() if fallback < run["images"] else ():
         if case.startswith("naive:") and result["stopped_at_limit"]:
@@ -462,8 +451,6 @@ def main(argv):
 
     rows = make_rows(config, run, cases)
     table = format_table(rows)
-    heading = f"`{command}` on {described}; TensorFlow {machine['tensorflow']}, Keras "
-    heading += machine["keras"] + (". --quick: no target judged." if quick else ".")
     print("\n" + heading + "\n\n" + table)
     output = Path(config["OUTPUT"])
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -477,4 +464,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    settings.cli(main)

@@ -673,4 +673,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    settings.cli(main)

@@ -583,4 +583,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    settings.cli(main)

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tokenize
@@ -55,6 +56,25 @@ def fail(message, exit_code):
     """Stop on an expected failure: `<script>: error: ...` on stderr, no traceback."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(exit_code)
+
+
+def cli(main, interrupted_hint="interrupted"):
+    """Run `main(argv)` as a command, exiting with its return value if that is an int:
+    an expected failure is one line on stderr and the documented exit code, never a
+    traceback; SIGTERM stops as Ctrl-C does; a closed pipe (`... | head`) is no error."""
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+    try:
+        code = main(sys.argv[1:])
+        sys.exit(code if isinstance(code, int) else 0)
+    except ConfigError as error:
+        fail(error, EXIT_CONFIG)
+    except DataError as error:
+        fail(error, EXIT_DATA)
+    except (Interrupted, KeyboardInterrupt) as error:
+        print(f"{Path(sys.argv[0]).name}: {error or interrupted_hint}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def stop_as_ctrl_c(signum, frame):

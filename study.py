@@ -1,27 +1,24 @@
-"""Sweeps of one or two settings of the training scripts over seeds, each point an
-ordinary run of the real script; then a figure with 95% confidence intervals, a CSV with
-a row per run and a table of mean, standard deviation, n and interval per point.
+"""Sweeps of one or two settings of the training scripts over seeds, each point a run of
+the real script; a figure with 95% confidence intervals, a CSV and a Markdown table.
 
     python study.py data_efficiency                   # a preset (listed below)
-    python study.py data_efficiency --fine_tune_epochs=5   # a setting for its runs
+    python study.py data_efficiency --alpha=1.0 --epochs=5   # settings for its runs
     python study.py data_efficiency --dry_run         # points, which are done, ESTIMATE
     python study.py data_efficiency --commands        # a command per unfinished point
     python study.py scratch_cnn.py --sweep=train_images:1000,5000 --seeds=0,1,2
     python study.py transfer_mobilenetv2.py --sweep alpha:0.35,1.0 --sweep img_size:96,128
 
-Each point is a run folder in OUT_DIR/study/<study>/<point>/, keyed on its settings,
-seed and code (a hash of the script and the modules it imports): a rerun skips finished
-points, resumes interrupted ones, retries failed ones and reruns those whose code
-changed. Processes running one study share its points (a lock per point). Exit codes: 0
+A point is a run folder keyed on its settings, seed and code: a rerun skips finished
+points, resumes interrupted ones, retries failed ones (README, Studies). Exit codes: 0
 done, 1 a point failed (the others ran), 2 bad command line, 130 interrupted.
 """
 
-import ast
 import fcntl
 import hashlib
 import io
 import json
 import math
+import modulefinder
 import os
 import re
 import shlex
@@ -34,7 +31,7 @@ from itertools import product
 from pathlib import Path
 
 import settings
-from settings import ConfigError, require
+from settings import require
 
 # ---------------------------------------------------------------------------------
 # Config (python study.py ... --name=value overrides any of these)
@@ -46,8 +43,8 @@ OUT_DIR = "runs"  # points go to OUT_DIR/study/<study>/<point>/, each the run's 
 PLOTS_DIR = "plots"  # study_<study>.png, .csv and .md go here, replacing earlier ones
 DATA_LABEL = ""  # what the outputs call the data; "" = the folder the runs recorded
 EXPORT = False  # after each finished point, run export.py --run=<run> --forms=int8
-MIN_STEP_IMAGES = 5000  # fair budget of presets: smaller training sets train as many
-# steps per epoch as this many images would
+MIN_STEP_IMAGES = 5000  # fair budget: a smaller training set trains the steps per epoch
+# of this many images
 DRY_RUN = False  # list the points, which are finished, and a time ESTIMATE; run nothing
 COMMANDS = False  # print the command of every unfinished point, one a line; run nothing
 POINT = ""  # run only this point (its folder name); the --commands lines set it
@@ -87,8 +84,9 @@ def as_flag(name, value):
 
 
 # ---------------------------------------------------------------------------------
-# Presets: a function per study, its docstring the question the figure answers; it
-# returns the scripts with their fixed settings, the sweeps, and a budget hook
+# Presets: a function per study, its docstring the question the figure answers, returns
+# the scripts with fixed settings (the command line overrides them), the sweeps, and
+# optionally a budget hook (run config, study config) -> settings it derives
 
 
 def fair_budget(run, study):
@@ -128,33 +126,26 @@ PRESETS = {p.__name__: p for p in (data_efficiency, freeze_depth, width_and_size
 
 
 # ---------------------------------------------------------------------------------
-# Command line: a preset or scripts, sweeps, seeds, settings for the runs
+# Command line (a preset or scripts, sweeps, settings) and its points: one run each of
+# one script at one combination of swept values and one seed
 
 
 def find_script(name):
     """(path, defaults) of a training script named with or without .py, or a path."""
     path = Path(name if name.endswith(".py") else name + ".py")
-    for candidate in (path, REPO / path):
-        if candidate.is_file():
-            found = settings.read_script(candidate).settings
-            defaults = {name: setting.default for name, setting in found.items()}
-            require("RESUME" in defaults, f"{name} is not a training script: no RESUME")
-            return candidate.resolve(), defaults
-    raise ConfigError(f"unknown preset or script {name!r}; presets: {', '.join(PRESETS)}")
+    path = next((p for p in (path, REPO / path) if p.is_file()), None)
+    require(path, f"unknown preset or script {name!r}; presets: {', '.join(PRESETS)}")
+    found = settings.read_script(path).settings
+    defaults = {setting: found[setting].default for setting in found}
+    require("RESUME" in defaults, f"{name} is not a training script: no RESUME")
+    return path.resolve(), defaults
 
 
 def code_files(script):
     """The script and the modules of its folder it imports, directly or not."""
-    found, todo = [], [Path(script)]
-    while todo:
-        path = todo.pop()
-        for node in ast.walk(ast.parse(path.read_text())) if path not in found else []:
-            names = [alias.name for alias in getattr(node, "names", [])]
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else names
-            modules = [path.parent / f"{name.split('.')[0]}.py" for name in names]
-            todo += [module for module in modules if module.is_file()]
-        found += [path] * (path not in found)
-    return sorted(found)
+    finder = modulefinder.ModuleFinder([str(Path(script).parent)])  # that folder only
+    finder.run_script(str(script))
+    return sorted(Path(m.__file__) for m in finder.modules.values() if m.__file__)
 
 
 def parse_command_line(argv):
@@ -182,17 +173,16 @@ def parse_command_line(argv):
         if name not in owners:
             where = " in --sweep" if sweep else ""
             raise settings.unknown_setting(flag, [*CONFIG, *owners, "SWEEP"], where)
-        texts = [value.strip() for value in text.split(",") if value.strip()]
-        require(texts or not sweep, f"--sweep={flag}: empty value list")
+        texts = [v.strip() for v in text.split(",") if v.strip()] if sweep else [text]
+        require(texts, f"--sweep={flag}: empty value list")
         taken = name in sweeps or name in NOT_MEASURED
         require(not (sweep and taken), f"--sweep={flag}: swept twice, or not sweepable")
-        texts = texts if sweep else [text]
         parse = settings.parse_value  # each script that has the setting must take it
         values = [parse(flag, text, d[name]) for d in owners[name] for text in texts]
         if sweep:
             sweeps[name] = list(dict.fromkeys(values[: len(texts)]))
         else:
-            given[name] = values[0]
+            given[name] = values[0]  # over a preset's fixed value and a budget's
     sweeps = sweeps or preset.get("sweeps", {})
     require(sweeps, "nothing to sweep: add --sweep=setting:value1,value2,...")
     both = [f"--{name.lower()}" for name in given if name in sweeps]
@@ -204,27 +194,24 @@ def parse_command_line(argv):
     stems = [path.stem for path in scripts] + [name.lower() for name in sweeps]
     name = config["STUDY"] or (names[0] if preset else "-".join(stems))
     require(re.fullmatch(r"[\w.+-]+", name), f"--study={name}: letters, digits, _.+-")
-    code = {p: b"".join(f.read_bytes() for f in code_files(p)) for p in scripts}
-    codes = {path: hashlib.sha256(code[path]).hexdigest()[:8] for path in scripts}
+    code = {p: b"".join(map(Path.read_bytes, code_files(p))) for p in scripts}
     fixed = {path: preset.get("fixed", {}).get(path.name, {}) for path in scripts}
+    shown = {n: v for path in scripts for n, v in fixed[path].items()} | given
+    flags = [as_flag(n, v) for n, v in shown.items() if n not in NOT_MEASURED]
     study = {"name": name, "root": Path(config["OUT_DIR"]) / "study" / name}
     study |= {"question": PRESETS[names[0]].__doc__ if preset else "", "config": config}
-    study |= {"scripts": scripts, "fixed": fixed, "sweeps": sweeps, "given": given}
-    study |= {"seeds": list(dict.fromkeys(map(int, seeds))), "metrics": metrics}
+    study |= {"scripts": scripts, "sweeps": sweeps, "given": given, "metrics": metrics}
+    study |= {"codes": {p: hashlib.sha256(code[p]).hexdigest()[:8] for p in scripts}}
+    study |= {"fixed": fixed, "flags": " ".join(flags) or "each script's defaults"}
     argv = names + [f"--{f}={t}" for f, t in pairs if f not in STUDY_ACTIONS]
-    return study | {"budget": preset.get("budget"), "argv": argv, "codes": codes}
-
-
-# ---------------------------------------------------------------------------------
-# Points: one run of one script at one combination of swept values and one seed
+    seeds = list(dict.fromkeys(map(int, seeds)))
+    return study | {"seeds": seeds, "budget": preset.get("budget"), "argv": argv}
 
 
 def make_points(study):
-    """Every point, seed by seed (a whole curve exists after the first seed); a swept
-    setting goes to the scripts that have it, a budget hook adds settings it derives."""
-    combos, points, scripts = [{}], {}, study["scripts"].items()
-    for name, values in study["sweeps"].items():
-        combos = [{**combo, name: value} for combo in combos for value in values]
+    """Every point, seed by seed: a whole curve exists after the first seed."""
+    points, scripts, sweeps = {}, study["scripts"].items(), study["sweeps"]
+    combos = [dict(zip(sweeps, values)) for values in product(*sweeps.values())]
     for seed, (path, defaults), combo in product(study["seeds"], scripts, combos):
         swept = {name: value for name, value in combo.items() if name in defaults}
         given = {n: v for n, v in study["given"].items() if n in defaults}
@@ -241,33 +228,28 @@ def make_points(study):
         point_id = "-".join([path.stem, *values, f"seed={seed}", key, f"code={code}"])
         point = {"id": point_id, "dir": study["root"] / point_id, "script": path}
         point |= {"key": key, "code": code, "swept": swept, "extra": extra, "seed": seed}
+        shown = {**swept, **extra}.items()  # for the terminal: model, values, seed
+        shown = [f"{label(n)} {show(n, v)}" for n, v in shown if n not in MODELS]
+        shown = [settings.model_name(path.stem, config), *shown, f"seed {seed}"]
+        point |= {"title": ", ".join(shown)}
         points[point_id] = point | {"config": config, "settings": run_settings}
     return list(points.values())
 
 
-def describe(point):
-    """A point for the terminal: model, swept and budget values, seed."""
-    values = {**point["swept"], **point["extra"]}.items()
-    shown = [f"{label(n)} {show(n, v)}" for n, v in values if n not in MODELS]
-    model = settings.model_name(point["script"].stem, point["config"])
-    return ", ".join([model, *shown, f"seed {point['seed']}"])
-
-
 def state(point, export=False):
-    """What a point's folder holds: the finished "run", "done" (and exported, if asked),
-    the run to "resume" (newest unfinished, not failed), all "runs", the "attempts",
-    their "seconds", and whether runs of its settings by "other_code" exist (unused)."""
+    """A point's finished "run", "done" (and exported if `export`), the run to "resume"
+    (newest unfinished, not failed), "runs", "attempts", "seconds", "other_code"."""
     stem, log = point["script"].stem, point["dir"] / "attempts.jsonl"
     lines = log.read_text().splitlines() if log.is_file() else []
     attempts = [json.loads(line) for line in lines]
     failed = {a["run_dir"] for a in attempts if a["outcome"] == "failed"}
     finished, unfinished = (settings.list_runs(point["dir"], stem, f) for f in (1, 0))
-    resume = [run for run in unfinished if str(run) not in failed][-1:] or [None]
-    run = finished[0] if finished else None
+    resume = ([None] + [run for run in unfinished if str(run) not in failed])[-1]
+    run = (finished + [None])[0]
     others = point["dir"].parent.glob(f"*-{point['key']}-code=*")
     others = [f for f in others if f != point["dir"] and settings.list_runs(f, stem, 1)]
     done = run is not None and (not export or (run / EXPORTED).is_file())
-    found = {"run": run, "done": done, "resume": resume[0], "other_code": bool(others)}
+    found = {"run": run, "done": done, "resume": resume, "other_code": bool(others)}
     spent = sum(attempt["seconds"] for attempt in attempts)
     return found | {"runs": finished + unfinished, "attempts": attempts, "seconds": spent}
 
@@ -299,9 +281,8 @@ def claim_point(point_dir, take=True):
 
 
 def attempt(point, fd, step):
-    """Train (or resume) a claimed point's run, or export it (`step`), in a session of
-    its own: Ctrl-C reaches it once, from here, and it saves and stops as on Ctrl-C.
-    Records the attempt in attempts.jsonl; raises settings.Interrupted after Ctrl-C."""
+    """Train (or resume) a claimed point's run, or export it, recorded in attempts.jsonl.
+    In a session of its own, Ctrl-C reaches the child once, from here: it saves, stops."""
     before = state(point)
     run, resume = before["run"], before["resume"] if step == "train" else None
     flags = [as_flag(*item) for item in point["settings"].items()]
@@ -329,36 +310,34 @@ def attempt(point, fd, step):
         file.seek(offset)
         settings.forward_messages(file, kept)
         lines = kept.getvalue().decode(errors="replace").strip().splitlines()
-    error = lines[-1].strip()[:300] if lines else ""
     after = state(point, export=step == "export")
     new = [folder for folder in after["runs"] if folder not in before["runs"]]
-    run_dir = run or resume or (new[-1] if new else "")
+    run_dir = run or resume or ([""] + new)[-1]
     done = after["done"] and not child.returncode
     outcome = "finished" if done else "interrupted" if interrupted else "failed"
+    error = lines[-1].strip()[:300] if lines else ""
     error = (error or f"{step}: no results") if outcome == "failed" else ""
     record = {"step": step, "started": started, "outcome": outcome, "error": error}
     record |= {"seconds": round(time.time() - start, 1), "resumed": bool(resume)}
     record |= {"returncode": child.returncode, "run_dir": str(run_dir)}
-    cpu = f"{settings.cpu_name()}, {os.cpu_count()} cores"
-    record |= {"command": shlex.join(command), "code": point["code"], "cpu": cpu}
+    record |= {"command": shlex.join(command), "code": point["code"]}
+    record["cpu"] = f"{settings.cpu_name()}, {os.cpu_count()} cores"
     with open(point["dir"] / "attempts.jsonl", "a") as file:
         file.write(json.dumps(record) + "\n")
-    kept = f"; its run {run_dir} is kept" if run_dir else ""
     if interrupted:
+        kept = f"; its run {run_dir} is kept" if run_dir else ""
         raise settings.Interrupted(f"interrupted at {point['id']}{kept}. {AGAIN}")
     return record
 
 
-def run_study(study, points):
-    """Run every unfinished point this process can claim; returns the failed ones."""
-    export, metrics = study["config"]["EXPORT"], study["metrics"]
-    todo = [point for point in points if not state(point, export)["done"]]
-    done, name = len(points) - len(todo), study["name"]
-    print(f"study {name}: {len(points)} points, {done} finished, {len(todo)} to run")
-    failed = []
+def run_study(study, points, todo):
+    """Run each unfinished point this process can claim; returns the failed ones."""
+    export, metrics, failed = study["config"]["EXPORT"], study["metrics"], []
+    left, done = len(todo), len(points) - len(todo)
+    print(f"study {study['name']}: {len(points)} points, {done} finished, {left} to run")
     for index, point in enumerate(todo, 1):
         fd, holder = claim_point(point["dir"])
-        print(f"[{index}/{len(todo)}] {describe(point)}: ", end="")
+        print(f"[{index}/{len(todo)}] {point['title']}: ", end="")
         if fd is None:
             print(f"skipped, claimed by {holder}; rerun once it ends to collect it")
             continue
@@ -380,11 +359,12 @@ def run_study(study, points):
 
 
 def dry_run(study, points):
-    """Each point's state, and a time ESTIMATE from the finished points' wall times."""
-    export, metric = study["config"]["EXPORT"], study["metrics"][0]
-    states = [state(point, export) for point in points]
+    """Each point's state, and a time ESTIMATE from the finished points' wall times:
+    the mean of the same script's finished points at the same values, else at any."""
+    metric = study["metrics"][0]
+    states = [state(point, study["config"]["EXPORT"]) for point in points]
     timed = [(p, s["seconds"]) for p, s in zip(points, states) if s["done"]]
-    total, counted = 0.0, 0
+    total, counted, left, redo = 0.0, 0, 0, 0
     print(f"study {study['name']}: {len(points)} points in {study['root']}")
     for point, found in zip(points, states):
         holder, attempts = claim_point(point["dir"], take=False)[1], found["attempts"]
@@ -399,17 +379,16 @@ def dry_run(study, points):
             text = f"failed    {attempts[-1]['error']}"
         elif found["resume"]:
             text = f"resumes   {found['resume'].name}"
-        print(f"  {describe(point):<64} {text}")
+        print(f"  {point['title']:<64} {text}")
         mine = [(p["swept"], s) for p, s in timed if p["script"] == point["script"]]
         same = [s for swept, s in mine if swept == point["swept"]] or [s for _, s in mine]
         if not found["done"]:
             total, counted = total + sum(same) / max(len(same), 1), counted + bool(same)
-    left = sum(not found["done"] for found in states)
-    redo = sum(found["other_code"] for found in states if not found["done"])
+            left, redo = left + 1, redo + found["other_code"]
     print(f"{len(points) - left} finished, {left} to run ({redo} with other code, rerun)")
     hours = f"{total / 3600:.1f} h" if total > 3600 else f"{total / 60:.1f} min"
-    estimate = f"about {hours} for {counted} of {left} unfinished points, one at a time"
-    basis = f"ESTIMATE (from {len(timed)} finished points, not a measurement): "
+    basis = f"ESTIMATE (from {len(timed)} finished points, not a measurement): about "
+    estimate = f"{hours} for {counted} of {left} unfinished points, one at a time"
     if left and not timed:
         print("ESTIMATE: cannot estimate yet: no finished point to time")
     elif left:
@@ -434,15 +413,15 @@ def number(value):
     return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
 
 
-def value_columns(study, points):
-    """{NAME: column} of the swept settings and of the settings a budget derives."""
-    extra = [name for point in points for name in point["extra"]]
-    return {name: label(name) for name in [*study["sweeps"], *extra]}
+def tables(study, points):
+    """(runs, summary): a row per finished run, and per point each metric's mean, sd, n
+    and the half-width (ci) of the 95% confidence interval of the mean (Student's t).
+    Columns carry settings' and metrics' names (TRAIN_IMAGES, test_accuracy)."""
+    import pandas as pd
+    from scipy import stats
 
-
-def collect(study, points):
-    """A row per finished point: model, line, values, seed, code, numbers, folders."""
-    rows, x_name, columns = [], next(iter(study["sweeps"])), value_columns(study, points)
+    rows, x_name = [], next(iter(study["sweeps"]))
+    names = [*study["sweeps"], *{n: 0 for point in points for n in point["extra"]}]
     others = [name for name in list(study["sweeps"])[1:] if name not in MODELS]
     for point, found in ((point, state(point)) for point in points):
         if not (run := found["run"]):
@@ -456,54 +435,35 @@ def collect(study, points):
         line = [settings.model_name(stem, config | at_x if x_name in MODELS else config)]
         line += [f"{label(n)} {show(n, config[n])}" for n in others if n in config]
         row = {"model": settings.model_name(stem, config), "line": ", ".join(line)}
-        row |= {column: config.get(name, "-") for name, column in columns.items()}
-        row |= {"seed": point["seed"], "code": point["code"], "script": stem}
-        row |= {label(key): value for key, value in metrics.items()}
+        row |= {name: config.get(name, "-") for name in names}
+        row |= {"seed": point["seed"], "code": point["code"], "script": stem, **metrics}
         row |= {"wall seconds": found["seconds"], "point": point["id"]}
         data = study["config"]["DATA_LABEL"] or Path(saved.get("data_source") or "?").name
         rows.append(row | {"run": str(run.relative_to(study["root"])), "data": data})
-    return rows
-
-
-def tables(study, points):
-    """(runs, summary): a row per finished run, and per point each metric's mean, sd, n
-    and the half-width (ci) of the 95% confidence interval of the mean (Student's t)."""
-    import pandas as pd
-    from scipy import stats
-
-    runs = pd.DataFrame(collect(study, points))
+    runs = pd.DataFrame(rows)
     if runs.empty:
         return runs, runs
-    keys = ["line", "model", *value_columns(study, points).values()]
-    groups = runs.groupby(keys, sort=False)
+    groups = runs.groupby(["line", "model", *names], sort=False)
     codes = ("code", lambda codes: " ".join(sorted(set(codes))))
     summary = groups.agg(n=("seed", "count"), code=codes, wall=("wall seconds", "mean"))
     summary = summary.reset_index()
     t = stats.t.ppf(0.975, summary["n"] - 1)  # n - 1 degrees of freedom
-    for metric in map(label, study["metrics"]):
+    for metric in study["metrics"]:
         summary[metric] = groups[metric].mean().to_numpy()
         summary[metric + " sd"] = groups[metric].std().to_numpy()
         summary[metric + " ci"] = t * summary[metric + " sd"] / summary["n"] ** 0.5
     return runs, summary.sort_values("line", kind="stable")
 
 
-def settings_text(study):
-    """The settings given to every run, where they are and how loud aside."""
-    given = {n: v for path in study["scripts"] for n, v in study["fixed"][path].items()}
-    given = (given | study["given"]).items()
-    shown = [as_flag(name, value) for name, value in given if name not in NOT_MEASURED]
-    return " ".join(shown) or "each script's defaults"
-
-
 def markdown(study, runs, summary, points):
     """study_<name>.md: what was measured and how, the table, unfinished points."""
-    metrics, name = [label(metric) for metric in study["metrics"]], study["name"]
-    columns = {n: c for n, c in value_columns(study, points).items() if n not in MODELS}
-    header = ["model", *columns.values(), "n"]
-    header += [h for m in metrics for h in (f"mean {m}", "sd", "95% CI")]
+    metrics, name = study["metrics"], study["name"]
+    names = [n for n in summary if n.isupper() and n not in MODELS]  # settings' columns
+    header = ["model", *map(label, names), "n"]
+    header += [h for m in metrics for h in (f"mean {label(m)}", "sd", "95% CI")]
     rows = []
     for row in summary.to_dict("records"):
-        cells = [row["model"], *(show(n, row[c]) for n, c in columns.items()), row["n"]]
+        cells = [row["model"], *(show(n, row[n]) for n in names), row["n"]]
         for m in metrics:
             low, high = number(row[m] - row[m + " ci"]), number(row[m] + row[m + " ci"])
             cells += [number(row[m]), number(row[m + " sd"]), f"{low} to {high}"]
@@ -513,19 +473,19 @@ def markdown(study, runs, summary, points):
     budget = " ".join((study["budget"].__doc__ or "").split()) if study["budget"] else "-"
     seeds, student = ", ".join(map(str, study["seeds"])), "Student's t, n - 1 d.f."
     stats = f"the mean over seeds {seeds}, standard deviation (sd), number of runs (n)"
+    unfinished = [(p, s["attempts"]) for p, s in zip(points, states) if not s["done"]]
     lines = [
-        f"# Study: {name}\n\n**{study['question'] or ', '.join(metrics)}**\n",
+        f"# Study: {name}\n\n**{study['question'] or ', '.join(map(label, metrics))}**\n",
         f"Reproduce: `{shlex.join(['python', 'study.py', *study['argv']])}`\n",
         f"- data: {'; '.join(sorted(set(runs['data'])))}",
         f"- per point: {stats} and the 95% confidence interval of the mean ({student})",
-        f"- settings given to every run: {settings_text(study)}; budget: {budget}",
+        f"- settings given to every run: {study['flags']}; budget: {budget}",
         "- code: hash of the script and modules it imports; other code reruns a point",
         f"- CPU: {'; '.join(sorted(cpus)) or 'not recorded'}",
         f"- every run: study_{name}.csv; figure: study_{name}.png\n",
         settings.markdown_table(header + ["code", "wall s per run"], rows),
+        *[f"\nUnfinished points ({len(unfinished)}):\n"][: len(unfinished)],
     ]
-    unfinished = [(p, s["attempts"]) for p, s in zip(points, states) if not s["done"]]
-    lines += [f"\nUnfinished points ({len(unfinished)}):\n"][: len(unfinished)]
     for point, attempts in unfinished:
         failed = attempts and attempts[-1]["outcome"] == "failed"
         error = f": failed: {attempts[-1]['error']}" if failed else ""
@@ -535,14 +495,14 @@ def markdown(study, runs, summary, points):
 
 def draw(study, runs, summary):
     """The first metric against the first swept setting (or the second metric): a line
-    per model and other swept values, means with 95% intervals, a dot per run."""
+    per model and other swept values, mean and 95% interval per point, a dot per run."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
-    metrics, x_name = [label(m) for m in study["metrics"]], next(iter(study["sweeps"]))
-    x_column, values, two = label(x_name), study["sweeps"][x_name], len(metrics) > 1
+    metrics, x_name = study["metrics"], next(iter(study["sweeps"]))
+    x_label, values, two = label(x_name), study["sweeps"][x_name], len(metrics) > 1
     numeric = all(type(value) in (int, float) for value in values)
     position = {v: i for i, v in enumerate(values)}  # categories, in the sweep's order
     if numeric:  # 0 = all training images: right of the largest size
@@ -554,33 +514,34 @@ def draw(study, runs, summary):
     for index, (line, group) in enumerate(summary.groupby("line", sort=False)):
         dots, colour = runs[runs["line"] == line], f"C{index}"
         n = "-".join(map(str, sorted(set(group["n"]))))
-        if (group[x_column] == "-").all():  # a script without the x setting: a level
+        if (group[x_name] == "-").all():  # a script without the x setting: a level
             group = group.loc[group.index.repeat(len(values))]
-            group[x_column] = values
+            group[x_name] = values
         y = group[metrics[0]]
-        x = group[metrics[1]] if two else group[x_column].map(position)
-        dots_x = dots[metrics[1]] if two else dots[x_column].map(position)
+        x = group[metrics[1]] if two else group[x_name].map(position)
+        dots_x = dots[metrics[1]] if two else dots[x_name].map(position)
         x_error = group[metrics[1] + " ci"].fillna(0) if two else None
         bars = {"color": colour, "capsize": 4, "label": f"{line} (n={n})"}
         style = "o-" if numeric or two else "o"
         axes.errorbar(x, y, group[metrics[0] + " ci"].fillna(0), x_error, style, **bars)
         axes.scatter(dots_x, dots[metrics[0]], 12, colour, alpha=0.5, linewidths=0)
-        for xy, value in zip(zip(x, y), group[x_column]) if two else []:
+        for xy, value in zip(zip(x, y), group[x_name]) if two else []:
             axes.annotate(show(x_name, value), xy, (4, 4), textcoords="offset points")
     if not two:
         axes.set_xscale("log" if log else "linear")
         axes.set_xticks([position[v] for v in values], [show(x_name, v) for v in values])
         axes.minorticks_off()
-    axes.set(ylabel=metrics[0], xlabel=metrics[-1] if two else x_column + " (log)" * log)
+    x_label = label(metrics[1]) if two else x_label + " (log)" * log
+    axes.set(ylabel=label(metrics[0]), xlabel=x_label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     subtitle = (
         f"Mean over seeds {', '.join(map(str, study['seeds']))}; error bars: 95% "
         f"confidence interval of the mean (Student's t); dots: single runs. Data: "
-        f"{'; '.join(sorted(set(runs['data'])))}. Settings: {settings_text(study)}."
+        f"{'; '.join(sorted(set(runs['data'])))}. Settings: {study['flags']}."
     )
-    title = study["question"] or f"{metrics[0]} against {axes.get_xlabel()}"
-    title += f" (points labelled by {x_column})" * two
+    title = study["question"] or f"{label(metrics[0])} against {x_label}"
+    title += f" (points labelled by {label(x_name)})" * two
     footer = shlex.join(["python", "study.py", *study["argv"]])
     footer += f"; {len(runs)} runs; code {' '.join(sorted(set(runs['code'])))}"
     figure.text(0.01, 0.985, title, fontsize=12, fontweight="bold", va="top")
@@ -597,7 +558,8 @@ def report(study, points):
         return print("no finished run yet: nothing to plot")
     base = Path(study["config"]["PLOTS_DIR"]) / f"study_{study['name']}"
     base.parent.mkdir(parents=True, exist_ok=True)
-    settings.write_text(base.with_suffix(".csv"), runs.to_csv(index=False))
+    csv = runs.rename(columns=label).to_csv(index=False)  # names for readers
+    settings.write_text(base.with_suffix(".csv"), csv)
     settings.write_text(base.with_suffix(".md"), markdown(study, runs, summary, points))
     draw(study, runs, summary).savefig(base.with_suffix(".partial.png"), dpi=120)
     base.with_suffix(".partial.png").replace(base.with_suffix(".png"))
@@ -622,8 +584,8 @@ def main(argv):
         print(shlex.join(argv))
     if config["COMMANDS"]:
         return 0
-    collect(study, [point for point in points if point not in todo][:1])  # --metric
-    failed = run_study(study, points)
+    tables(study, [point for point in points if point not in todo][:1])  # --metric
+    failed = run_study(study, points, todo)
     if not config["POINT"]:
         report(study, points)
     for point, record in failed:  # its folder has the whole log
@@ -636,15 +598,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, settings.stop_as_ctrl_c)  # kill acts as Ctrl-C
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except ConfigError as error:
-        settings.fail(error, settings.EXIT_CONFIG)
-    except settings.DataError as error:
-        settings.fail(error, settings.EXIT_DATA)
-    except (settings.Interrupted, KeyboardInterrupt) as stop:
-        print(f"study.py: {str(stop) or 'interrupted. ' + AGAIN}", file=sys.stderr)
-        sys.exit(settings.EXIT_INTERRUPTED)
-    except BrokenPipeError:  # `study.py ... --commands | head`: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    settings.cli(main, "interrupted. " + AGAIN)

@@ -10,8 +10,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import sys
 import tempfile
 import time
 import zipfile
@@ -37,21 +35,6 @@ def configure(defaults, argv, verbose=True):
     if verbose:
         settings.print_config(config, defaults)
     return config
-
-
-def cli(main):
-    """Run `main(argv)` as a command: an expected failure is one line on stderr and
-    the documented exit code, never a traceback; SIGTERM stops as Ctrl-C does."""
-    signal.signal(signal.SIGTERM, settings.stop_as_ctrl_c)
-    try:
-        main(sys.argv[1:])
-    except settings.ConfigError as error:
-        settings.fail(error, settings.EXIT_CONFIG)
-    except settings.DataError as error:
-        settings.fail(error, settings.EXIT_DATA)
-    except (settings.Interrupted, KeyboardInterrupt) as error:
-        print(f"{Path(sys.argv[0]).name}: {error or 'interrupted'}", file=sys.stderr)
-        sys.exit(settings.EXIT_INTERRUPTED)
 
 
 # ---------------------------------------------------------------------------------
@@ -356,10 +339,8 @@ class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
         rising = self.start + (1 - self.start) * step / max(self.warmup_steps, 1)
-        progress = (step - self.warmup_steps) / max(
-            self.total_steps - self.warmup_steps, 1
-        )
-        progress = keras.ops.clip(progress, 0.0, 1.0)
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = keras.ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
         if self.decay == "cosine":
             falling = 0.5 * (1 + keras.ops.cos(np.pi * progress))
         else:
@@ -389,9 +370,8 @@ class Bias(keras.layers.Layer):
         )  # fmt: skip
 
     def call(self, x):
-        scaled = (
-            self.bias * self.rate_factor
-        )  # the value is the bias, its gradient scaled
+        # Its value is the bias; its gradient, rate_factor times the bias's.
+        scaled = self.bias * self.rate_factor
         bias = scaled - keras.ops.stop_gradient(scaled - self.bias)
         return x + keras.ops.cast(bias, x.dtype)
 

@@ -87,11 +87,11 @@ def write_raw_batch(path, payload):
 
 
 def run_cli(monkeypatch, capsys, *args):
-    """`python data.py ARGS` in-process, through the same training.cli wrapper:
+    """`python data.py ARGS` in-process, through the same settings.cli wrapper:
     (exit code, own stderr lines)."""
     monkeypatch.setattr(sys, "argv", ["data.py", *args])
     with pytest.raises(SystemExit) as stopped:
-        training.cli(data.main)
+        settings.cli(data.main)
     return stopped.value.code, own_stderr_lines(capsys.readouterr().err)
 
 

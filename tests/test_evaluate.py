@@ -345,7 +345,7 @@ def test_a_folder_that_is_no_finished_run_is_exit_2(
     for runs, words in ((tmp_path, "not a run folder"), (unfinished, "--resume=")):
         monkeypatch.setattr(sys, "argv", ["evaluate.py", f"--runs={scratch_run},{runs}"])
         with pytest.raises(SystemExit) as stop:
-            training.cli(evaluate.main)
+            settings.cli(evaluate.main)
         lines = capsys.readouterr().err.splitlines()
         assert stop.value.code == settings.EXIT_CONFIG and len(lines) == 1, lines
         assert f"--runs={runs}: " in lines[0] and words in lines[0], lines

@@ -279,7 +279,7 @@ def test_a_folder_that_is_no_finished_run_exits_2(
         before = sorted(folder.rglob("*"))
         monkeypatch.setattr(sys, "argv", ["export.py", f"--run={folder}"])
         with pytest.raises(SystemExit) as stopped:
-            training.cli(export.main)
+            settings.cli(export.main)
         assert stopped.value.code == settings.EXIT_CONFIG  # as evaluate.py
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and says in error[0], error

@@ -362,6 +362,26 @@ def test_presets_name_models_and_give_small_sets_a_fair_budget(tmp_path):
     assert same.stdout == listing.stdout
 
 
+def test_a_presets_fixed_settings_yield_to_the_command_line():
+    """data_efficiency fixes MobileNetV2's ALPHA at 0.35: --alpha=1.0 replaces it in its
+    runs, their names and the settings the outputs state, and reaches no other script;
+    a preset's study settings (width_and_size's METRIC) yield the same way."""
+    preset = study.make_points(study.parse_command_line(["data_efficiency"]))
+    given = study.parse_command_line(["data_efficiency", "--alpha=1.0"])
+    points = study.make_points(given)
+    assert len(points) == len(preset) == 54
+    for before, after in zip(preset, points):
+        if after["script"].name == "scratch_cnn.py":
+            assert "ALPHA" not in after["settings"] and after["id"] == before["id"]
+            continue
+        assert before["settings"]["ALPHA"] == 0.35 and after["settings"]["ALPHA"] == 1.0
+        assert after["config"]["ALPHA"] == 1.0 and after["id"] != before["id"]
+        assert "(alpha 0.35)" in before["title"] and "alpha" not in after["title"]
+    assert "--alpha=1.0" in given["flags"] and "0.35" not in given["flags"]
+    metric = study.parse_command_line(["width_and_size", "--metric=test_loss"])
+    assert metric["metrics"] == ["test_loss"] and metric["config"]["EXPORT"] is True
+
+
 def test_metric_may_come_from_export_json(tmp_path):
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
