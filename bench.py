@@ -4,11 +4,11 @@ way (the whole set converted to float32 and resized up front, then `fit` on the 
     python bench.py            # full run: prints the table, writes bench.json
     python bench.py --quick    # smoke check on tiny sets: code paths, not numbers
 
-Per model as its script's compiled_model builds it (MobileNetV2 from random weights), on
-random data: 1. the pipeline alone, 2. training on one batch from memory, 3. through the
-pipeline, 4. peak memory on a full-size set, 5. the naive way, 6. float32 against mixed
-precision, XLA on and off. Each case runs in a process of its own, stopped past the
-memory limit. README, Performance, has the table of a full run.
+Each model as its script compiles it (MobileNetV2 from random weights), on random data,
+each case in a process of its own stopped past the memory limit: 1. the pipeline alone,
+2. training on one batch from memory, 3. through the pipeline, 4. peak memory on a
+full-size set, 5. the naive way, 6. float32 against mixed precision, XLA on and off.
+README, Performance, has the table of a full run.
 """
 
 import settings
@@ -140,19 +140,6 @@ def summary(rounds, batch_size):
     return {"images_per_second": float(np.median(rates)), "rounds": rates}
 
 
-def measure_rates(runs, batch_size, run):
-    """Images/s of each of `runs` ({name: (model, repeated dataset)}). Round 0 traces,
-    untimed; the order of the others alternates, so a drift in load favours none."""
-    seconds, warmup = {name: [] for name in runs}, run["warmup_steps"]
-    for round_index in range(run["rounds"] + 1):
-        for name in list(runs)[:: -1 if round_index % 2 else 1]:
-            steps = warmup + (run["steps"] if round_index else 0)
-            timed = step_seconds(*runs[name], steps=steps)
-            if round_index:
-                seconds[name].append(timed[warmup:])
-    return {name: summary(seconds[name], batch_size) for name in runs}
-
-
 # ---------------------------------------------------------------------------------
 # Cases, each run by a child process: python bench.py --case=KIND:MODEL
 
@@ -161,7 +148,8 @@ def training_case(kind, model, config):
     """streaming (ours): the full-size uint8 set in memory; the pipeline alone, then
     training through it (end to end; first: its step is traced for any batch size) and
     on one batch from memory (compute). precision: that batch, a model each in float32,
-    mixed precision (bfloat16 on a CPU) and XLA (the CNN; every model on a GPU)."""
+    mixed precision (bfloat16 on a CPU) and XLA (the CNN; every model on a GPU). Round 0
+    traces, untimed; later rounds alternate their order: a drift in load favours none."""
     run, batch_size = sizes(config), sizes(config)["batch_size"][model]
     images, labels = random_cifar(run["images"], config["SEED"])
     built = model_config(model, config)  # its own augmentation, flips, size and range
@@ -189,7 +177,14 @@ def training_case(kind, model, config):
             runs[name] = (build(model, config, images, JIT_COMPILE=name == "xla"), fixed)
         keras.mixed_precision.set_global_policy("float32")
         facts = {"mixed_policy": policy}
-    return {**measure_rates(runs, batch_size, run), **facts}
+    seconds, warmup = {name: [] for name in runs}, run["warmup_steps"]
+    for round_index in range(run["rounds"] + 1):
+        for name in list(runs)[:: -1 if round_index % 2 else 1]:
+            steps = warmup + (run["steps"] if round_index else 0)
+            timed = step_seconds(*runs[name], steps=steps)
+            if round_index:
+                seconds[name].append(timed[warmup:])
+    return {name: summary(seconds[name], batch_size) for name in runs} | facts
 
 
 def naive_case(kind, model, config):
@@ -315,9 +310,8 @@ def rate(result, key, over=None):
     if over is not None:
         numerator, denominator = rate(result, key), rate(*over)
         return numerator and denominator and numerator / denominator
-    if key in result:
-        return result[key]["images_per_second"]
-    return rate(result["fallback"], key) if "fallback" in result else None
+    result = result if key in result else result.get("fallback", {})
+    return result[key]["images_per_second"] if key in result else None
 
 
 def format_value(value, unit):

@@ -149,9 +149,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         numpy_2 = module.replace("numpy.core", "numpy._core", 1)
         if (numpy_2, name) not in self.ALLOWED:
-            raise settings.DataError(
-                f"refused to load {module}.{name}, which could run code"
-            )
+            refused = f"refused to load {module}.{name}, which could run code"
+            raise settings.DataError(refused)
         return super().find_class(numpy_2, name)
 
 
@@ -204,9 +203,8 @@ def read_cifar10(source):
             try:
                 raw = path.read_bytes()
             except OSError as error:
-                raise settings.DataError(
-                    f"{path}: unreadable ({error.strerror})"
-                ) from None
+                problem = f"unreadable ({error.strerror})"
+                raise settings.DataError(f"{path}: {problem}") from None
             batches.append(parse_batch(raw, str(path)))
     else:
         try:
@@ -247,7 +245,7 @@ def class_folders_root(data_dir):
     if (path / "train").is_dir():
         return path
     hint = ""
-    if any(image_files(folder, limit=1) for folder in visible_folders(path)):
+    if any(any(image_files(folder)) for folder in visible_folders(path)):
         hint = f"\nits sub-folders hold images: move them into {path / 'train'}/"
     raise settings.DataError(
         f"--data_dir={data_dir}: neither CIFAR-10 ({BATCHES_FOLDER}/, its batch files "
@@ -261,19 +259,13 @@ def visible_folders(path):
     return sorted(folder for folder in folders if not folder.name.startswith("."))
 
 
-def image_files(folder, limit=0):
-    """Image files under `folder`, hidden ones not, sorted; at most `limit` if set."""
-    found = []
+def image_files(folder):
+    """Image files under `folder`, hidden ones not, sorted; found lazily, one by one."""
     for parent, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
-        found += [
-            os.path.join(parent, name)
-            for name in sorted(names)
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        if limit and len(found) >= limit:
-            return found[:limit]
-    return found
+        for name in sorted(names):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                yield os.path.join(parent, name)
 
 
 def list_split(split_dir, names, class_names):
@@ -281,7 +273,7 @@ def list_split(split_dir, names, class_names):
     in `class_names` (the training classes); an empty class folder is an error."""
     files, labels = [], []
     for name in names:
-        found = image_files(split_dir / name)
+        found = list(image_files(split_dir / name))
         if not found:
             raise settings.DataError(
                 f"{split_dir / name}: empty class folder (no "
@@ -357,21 +349,18 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):
-        image = tf.io.decode_image(
-            tf.io.read_file(path), channels=3, expand_animations=False
-        )
+        contents = tf.io.read_file(path)
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
         image = tf.image.resize(image, (image_size, image_size), antialias=True)
         return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
     def decode_all():
+        decoded = tf.data.Dataset.from_tensor_slices(list(files)).map(
+            decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
         done = 0
         try:
-            for batch in (
-                tf.data.Dataset.from_tensor_slices(list(files))
-                .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                .batch(chunk)
-                .prefetch(1)
-            ):
+            for batch in decoded.batch(chunk).prefetch(1):
                 images[done : done + len(batch)] = batch.numpy()
                 done += len(batch)
         except tf.errors.OpError:
@@ -492,12 +481,11 @@ def make_dataset(
     images, labels, *, batch_size, image_size, value_range, augmenter=None, flip="none",
     shuffle=False, seed=0, repeat=False, num_classes=NUM_CLASSES,
 ):  # fmt: skip
-    """A tf.data pipeline of (images float32 (B, S, S, 3) in `value_range`, one-hot
-    labels (B, num_classes)). The uint8 array (N, side, side, 3) is held once; only
-    shuffled indices flow, and each batch is gathered, flipped, augmented at its stored
-    side, resized to `image_size` and scaled on its own. `flip`: "random", a coin per
-    image and pass; "alternate" (airbench's), a coin per image in the first pass, then
-    each image mirrored in every other pass from there; or "none"."""
+    """A tf.data pipeline of (float32 images (B, S, S, 3) in `value_range`, one-hot
+    labels). The uint8 array is held once and only shuffled indices flow: each batch is
+    gathered, flipped, augmented at its stored side, resized to `image_size` and scaled
+    on its own. `flip`: "random" (a coin per image and pass), "alternate" (airbench's: a
+    coin per image in the first pass, then mirrored every other pass) or "none"."""
     images = np.asarray(images, dtype=np.uint8)
     side, low, high = images.shape[1], *value_range
     labels = tf.convert_to_tensor(labels, dtype=tf.int32)
@@ -535,11 +523,9 @@ def make_dataset(
         .map(lambda _: passes.assign_add(1))
         .flat_map(lambda number: indices.batch(batch_size).map(lambda i: (i, number)))
     )
-    if repeat:
-        dataset = dataset.repeat()
-    else:  # flat_map hides the length, which Keras needs to end each epoch quietly
-        steps = -(-len(labels) // batch_size)
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
+    # flat_map hides the length, which Keras needs to end each epoch quietly.
+    length = tf.data.experimental.assert_cardinality(-(-len(labels) // batch_size))
+    dataset = dataset.repeat() if repeat else dataset.apply(length)
     dataset = dataset.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 

@@ -116,31 +116,28 @@ def find_runs(out_dir, chosen):
     return [newest[kind] for kind in sorted(newest, key=order.index)], hints
 
 
-def read_run(run_dir):
-    """What training left in `run_dir`: config.json, metrics.json and history.csv."""
-    saved = settings.read_json(run_dir / "config.json")
-    history = pd.DataFrame(training.read_history(run_dir))
-    usable = "value_range" in saved and "IMG_SIZE" in saved.get("config", {})
-    if saved.get("script") not in SCRIPTS or not usable or history.empty:
-        raise settings.DataError(
-            f"{run_dir}: not a {' or '.join(SCRIPTS)} run with a value_range, IMG_SIZE "
-            "and history.csv; train it again with the current scripts"
-        )
-    config, metrics = saved["config"], settings.read_json(run_dir / "metrics.json")
-    earlier = "flip" if config.get("TTA_FLIP") else "none"  # runs made before TTA levels
-    return {
-        "dir": Path(run_dir), "saved": saved, "config": config, "metrics": metrics,
-        "history": history, "kind": settings.model_name(saved["script"], config),
-        "tta": metrics.get("tta") or config.get("TTA", earlier),
-    }  # fmt: skip
-
-
-def group_columns(runs):
-    """A column per kind and settings (seeds share one), told apart by their first run."""
+def read_columns(run_dirs):
+    """What training left in each run folder (config.json, metrics.json, history.csv),
+    a column per kind and settings: seeds share one, told apart by their first run."""
     groups = {}
-    for run in runs:
-        compared = {k: v for k, v in run["config"].items() if k not in NOT_COMPARED}
-        groups.setdefault((run["kind"], repr(sorted(compared.items()))), []).append(run)
+    for run_dir in run_dirs:
+        saved = settings.read_json(run_dir / "config.json")
+        history = training.history_frame(run_dir)
+        usable = "value_range" in saved and "IMG_SIZE" in saved.get("config", {})
+        if saved.get("script") not in SCRIPTS or not usable or history.empty:
+            raise settings.DataError(
+                f"{run_dir}: not a {' or '.join(SCRIPTS)} run with a value_range, "
+                "IMG_SIZE and history.csv; train it again with the current scripts"
+            )
+        config, metrics = saved["config"], settings.read_json(run_dir / "metrics.json")
+        earlier = "flip" if config.get("TTA_FLIP") else "none"  # runs before TTA levels
+        run = {
+            "dir": run_dir, "saved": saved, "config": config, "metrics": metrics,
+            "history": history, "tta": metrics.get("tta") or config.get("TTA", earlier),
+        }  # fmt: skip
+        kind = settings.model_name(saved["script"], config)
+        compared = {k: v for k, v in config.items() if k not in NOT_COMPARED}
+        groups.setdefault((kind, repr(sorted(compared.items()))), []).append(run)
     kinds, columns = [kind for kind, _ in groups], []
     for index, ((kind, _), members) in enumerate(groups.items()):
         name = kind if kinds.count(kind) == 1 else f"{kind} ({members[0]['dir'].name})"
@@ -213,7 +210,7 @@ def evaluate_predictions(probabilities, labels, bins, class_names=data.CLASS_NAM
     true_probability = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)
     calibration, ece = calibration_bins(confidence, correct, bins)
     return {
-        "class_names": tuple(class_names), "predicted": predicted, "correct": correct,
+        "class_names": tuple(class_names), "correct": correct,
         "confidence": confidence, "accuracy": float(correct.mean()),
         "cross_entropy": float(-np.mean(np.log(true_probability))),
         "confusion": confusion, "calibration": calibration, "ece": ece,
@@ -259,8 +256,9 @@ def evaluate_run(column, run, test, config):
     images -= int(np.ceil(images * trained.get("VAL_FRACTION", 0)))  # as sklearn rounds
     recorded = ["test_accuracy", "test_loss", "train_seconds", "images_per_second"]
     return {
-        "model": column["name"], "run": settings.shown(run["dir"]), "seed": trained.get("SEED"),
-        "tta": tta, **{f"test_accuracy_{key}": v for key, v in accuracy.items()},
+        "model": column["name"], "run": settings.shown(run["dir"]),
+        "seed": trained.get("SEED"), "tta": tta,
+        **{f"test_accuracy_{key}": value for key, value in accuracy.items()},
         **{key: metrics.get(key) for key in recorded},
         "test_cross_entropy": evaluation["cross_entropy"],
         "best_val_accuracy": history["val_accuracy"].max(),
@@ -479,9 +477,9 @@ def report_markdown(columns, table, pairs, hints, test, config, argv):
     ]  # fmt: skip
     if exported:
         exported.insert(0, "## Deployment: TensorFlow Lite\n\nFrom `python export.py`.")
-    # The exact command, shell-quoted, each absolute path shown without this machine's.
     command = shlex.join(["python", "evaluate.py", *map(settings.without_paths, argv)])
     label = f" of {config['DATA_LABEL']}" if config["DATA_LABEL"] else ""
+    source = settings.without_paths(test.source)
     runs = [
         {**{f"`{k.lower()}`": repr(v) for k, v in run["config"].items()},
          **{k.replace("_", " "): run["saved"].get(k, "") for k in SAVED},
@@ -494,29 +492,29 @@ def report_markdown(columns, table, pairs, hints, test, config, argv):
     cells = cells.agg(lambda values: ", ".join(dict.fromkeys(values)))  # seeds' values
     tables = ["comparison.md", "comparison.csv", "confused_pairs.csv"]
     tables += [f"confusion_{c['slug']}.csv" for c in columns]
-
-    def figures(name, what):
-        return [f"![{what}: {c['name']}]({name}_{c['slug']}.png)" for c in columns]
-
     blocks = [
         f"# {test.dataset}: {' vs '.join(column['name'] for column in columns)}",
         (
             f"Made by: `{command}` on {datetime.now():%Y-%m-%d %H:%M}. Test set: "
-            f"{len(test.labels):,} images{label} from `{settings.without_paths(test.source)}`."
+            f"{len(test.labels):,} images{label} from `{source}`."
         ),
         *[f"> **Missing:** {settings.without_paths(hint)}" for hint in hints],
-        f"## The comparison\n\n{comparison_markdown(table, columns, config['INTERVAL'])}",
+        "## The comparison",
+        comparison_markdown(table, columns, config["INTERVAL"]),
         notes,
         "Tables: " + ", ".join(f"[{name}]({name})" for name in tables) + ".",
         *exported,
         "## Learning curves\n\n![Learning curves](curves_comparison.png)",
         "## Confusion matrices",
-        *figures("confusion", "Confusion matrix"),
+        *[
+            f"![Confusion matrix: {c['name']}](confusion_{c['slug']}.png)"
+            for c in columns
+        ],
         "## Per-class accuracy\n\n![Per-class accuracy](per_class_accuracy.png)",
         "## Most confused class pairs",
         settings.markdown_table([*pairs.columns.str.replace("_", " ")], pairs.values),
         "## Mistakes and predictions on test images",
-        *figures("misclassified", "Mistakes"),
+        *[f"![Mistakes: {c['name']}](misclassified_{c['slug']}.png)" for c in columns],
         "![Random test images with predictions](test_predictions.png)",
         "## Calibration: expected calibration error (ECE), reliability diagrams",
         "![Reliability diagrams](calibration.png)",
@@ -534,7 +532,7 @@ def main(argv):
     run_dirs, hints = find_runs(config["OUT_DIR"], config["RUNS"])
     for hint in hints:
         print(hint)
-    columns = group_columns([read_run(run_dir) for run_dir in run_dirs])
+    columns = read_columns(run_dirs)
     plots_dir = Path(config["PLOTS_DIR"]).expanduser()
     plots_dir.mkdir(parents=True, exist_ok=True)
     cache, rows = {}, []

@@ -239,16 +239,15 @@ def export_run(run, forms, config, command):
     calibration = pipelines.train.unbatch().take(config["CALIBRATION_IMAGES"])
     calibration = np.stack([image for image, _ in calibration.as_numpy_iterator()])
     build = Path(tempfile.mkdtemp(prefix=".export-", dir=run["dir"]))
+    shown = settings.shown(run["dir"])
     try:
         files, lite = {"keras": run["dir"] / "model.keras"}, {}
         for form in forms:
-            print(f"{settings.shown(run['dir'])}: converting to {form}")
+            print(f"{shown}: converting to {form}")
             lite[form] = convert(run["model"], form, calibration)
             files[form] = build / f"{form}.tflite"
             files[form].write_bytes(lite[form])
-        print(
-            f"{settings.shown(run['dir'])}: measuring, {pipelines.sizes['test']:,} test images"
-        )
+        print(f"{shown}: measuring, {pipelines.sizes['test']:,} test images")
         frame = measure(run, files, lite, pipelines.test, config)
         summary = frame.set_index("form")[list(MEASURES)].stack().dropna()
         summary.index = [f"{form}_{name}" for form, name in summary.index]
@@ -278,10 +277,10 @@ def main(argv):
          "model": training.load_checkpoint(run_dir)}
         for run_dir in runs_to_export(config["OUT_DIR"], config["RUN"])
     ]  # fmt: skip
-    # The command as it ran, its paths shown as export.md shows every path.
-    words = settings.split_arguments(argv, ["keras_one_thread"])
-    words = [f"--{flag}={settings.shown(text) if flag in PATH_SETTINGS and text else text}"
-             for flag, text in words]  # fmt: skip
+    words = [
+        f"--{flag}={settings.shown(text) if flag in PATH_SETTINGS and text else text}"
+        for flag, text in settings.split_arguments(argv, ["keras_one_thread"])
+    ]
     command = shlex.join(["python", "export.py", *words])
     return {run["dir"]: export_run(run, forms, config, command) for run in runs}
 

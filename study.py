@@ -43,8 +43,7 @@ OUT_DIR = "runs"  # points go to OUT_DIR/study/<study>/<point>/, each the run's 
 PLOTS_DIR = "plots"  # study_<study>.png, .csv and .md go here, replacing earlier ones
 DATA_LABEL = ""  # what the outputs call the data; "" = the folder the runs recorded
 EXPORT = False  # after each finished point, run export.py --run=<run> --forms=int8
-MIN_STEP_IMAGES = 5000  # fair budget: a smaller training set trains the steps per epoch
-# of this many images
+MIN_STEP_IMAGES = 5000  # fair budget: a smaller training set gets this many images' steps
 DRY_RUN = False  # list the points, which are finished, and a time ESTIMATE; run nothing
 COMMANDS = False  # print the command of every unfinished point, one a line; run nothing
 POINT = ""  # run only this point (its folder name); the --commands lines set it
@@ -84,9 +83,8 @@ def as_flag(name, value):
 
 
 # ---------------------------------------------------------------------------------
-# Presets: a function per study, its docstring the question the figure answers, returns
-# the scripts with fixed settings (the command line overrides them), the sweeps, and
-# optionally a budget hook (run config, study config) -> settings it derives
+# Presets: a function per study, its docstring the question the figure answers; returns
+# {"fixed": {script: settings}, "sweeps"} and optionally "study" settings and a "budget"
 
 
 def fair_budget(run, study):
@@ -126,8 +124,7 @@ PRESETS = {p.__name__: p for p in (data_efficiency, freeze_depth, width_and_size
 
 
 # ---------------------------------------------------------------------------------
-# Command line (a preset or scripts, sweeps, settings) and its points: one run each of
-# one script at one combination of swept values and one seed
+# Command line, and its points: a run of one script per combination of swept values, seed
 
 
 def find_script(name):
@@ -285,9 +282,8 @@ def attempt(point, fd, step):
     In a session of its own, Ctrl-C reaches the child once, from here: it saves, stops."""
     before = state(point)
     run, resume = before["run"], before["resume"] if step == "train" else None
-    flags = [as_flag(*item) for item in point["settings"].items()]
-    if resume:  # a resumed run keeps its saved settings but where and how loud
-        flags = [as_flag(n, v) for n, v in point["settings"].items() if n in NOT_MEASURED]
+    given = point["settings"].items()  # a resumed run keeps its own but where, how loud
+    flags = [as_flag(n, v) for n, v in given if not resume or n in NOT_MEASURED]
     flags += [f"--resume={resume}"] if resume else [f"--seed={point['seed']}"]
     command = [point["script"], *flags, f"--out_dir={point['dir']}"]
     if step == "export":

@@ -1,11 +1,9 @@
-"""The plumbing both training scripts share: the effective configuration and exit codes,
-run folders and resume, seeding, devices and precision, the learning-rate schedule, and
-the Keras callbacks that checkpoint, log, guard and back up a run, then its evaluation.
-
-Nothing here holds a hyperparameter: each script's config block does.
-"""
+"""The plumbing both training scripts share: run folders and resume, seeds, devices and
+precision, the schedule, the callbacks that checkpoint, log, guard and back up each
+epoch, and the test evaluation. Hyperparameters live in the scripts' config blocks."""
 
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -24,8 +22,13 @@ import tensorflow as tf
 
 import settings
 
+MAY_CHANGE_ON_RESUME = ("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")  # where, how loud
+HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
+TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
+
 # ---------------------------------------------------------------------------------
-# Configuration and the command line
+# Set-up: configuration, run folders (OUT_DIR/<script>/<timestamp>/, never reused,
+# resumable), seeds, devices and precision
 
 
 def configure(defaults, argv, verbose=True):
@@ -37,75 +40,33 @@ def configure(defaults, argv, verbose=True):
     return config
 
 
-# ---------------------------------------------------------------------------------
-# Run folders: OUT_DIR/<script>/<timestamp>/, never reused, resumable
-
-MAY_CHANGE_ON_RESUME = ("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")  # where, how loud
-
-
 def new_run_dir(out_dir, script):
-    """A fresh run folder, never an existing one. In a multi-worker run only the chief
-    writes it; another worker gets a throwaway folder, removed when it exits."""
+    """A fresh run folder, never an existing one. Only a multi-worker run's chief writes
+    it; another worker, whose Keras callbacks write too, gets a temporary one."""
     if not cluster_task()[1]:
-        return worker_dir(script)
+        folder = Path(tempfile.mkdtemp(prefix=f"{script}-worker-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder
     parent = Path(out_dir) / script
     parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for attempt in range(1, 1000):
         run_dir = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-        try:
+        with contextlib.suppress(FileExistsError):  # taken: try the next name
             run_dir.mkdir()
             return run_dir
-        except FileExistsError:
-            continue
     raise settings.ConfigError(f"cannot create a new run folder in {parent}")
 
 
-def worker_dir(script, copy_of=None):
-    """A temporary folder for a worker that is not the chief (a copy of `copy_of` when
-    resuming), removed at exit: Keras's callbacks write on every worker."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{script}-worker-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    if copy_of is not None:
-        shutil.copytree(copy_of, folder, dirs_exist_ok=True)
-    return folder
-
-
 def configure_run(defaults, argv, script):
-    """(config, run_dir): the configuration with `argv` applied and, with --resume,
-    the run folder to go on with and its saved settings (only where things are and
-    how much to print may change); run_dir is None for a new run."""
-    config = configure(defaults, argv, verbose=False)
-    if not config["RESUME"]:
+    """(config, run_dir): `defaults` with `argv` applied, run_dir None for a new run.
+    --resume (a run folder, or "last": the newest unfinished run of `script`) gives the
+    run folder, checked first, and its saved settings; MAY_CHANGE_ON_RESUME may differ."""
+    config = settings.parse_overrides(defaults, argv)
+    resume, out_dir = config["RESUME"], config["OUT_DIR"]
+    if not resume:
         settings.print_config(config, defaults)
         return config, None
-    run_dir = run_to_resume(config["RESUME"], config["OUT_DIR"], script)
-    changed = [
-        name
-        for name in config
-        if name not in MAY_CHANGE_ON_RESUME and config[name] != defaults[name]
-    ]
-    settings.require(
-        not changed,
-        f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
-    )
-    saved = settings.read_json(run_dir / "config.json")["config"]
-    given = {
-        name: config[name]
-        for name in MAY_CHANGE_ON_RESUME
-        if config[name] != defaults[name]
-    }
-    config = {**defaults, **saved, **given, "RESUME": config["RESUME"]}
-    print(f"resuming {run_dir} with its saved settings:")
-    settings.print_config(config, defaults)
-    if not cluster_task()[1]:  # a worker goes on from a copy; the chief writes
-        run_dir = worker_dir(script, copy_of=run_dir)
-    return config, run_dir
-
-
-def run_to_resume(resume, out_dir, script):
-    """The run folder --resume names: a path, or "last" for the newest unfinished run
-    of `script`, checked before any work (check_resumable)."""
     if resume == "last":
         unfinished = settings.list_runs(out_dir, script, finished=False)
         settings.require(
@@ -123,13 +84,28 @@ def run_to_resume(resume, out_dir, script):
             f"--resume={resume}: that run has finished (metrics.json exists)",
         )
     check_resumable(run_dir, script)
-    return run_dir
+    overridden = [name for name in config if config[name] != defaults[name]]
+    changed = [name for name in overridden if name not in MAY_CHANGE_ON_RESUME]
+    settings.require(
+        not changed,
+        f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
+    )
+    saved = settings.read_json(run_dir / "config.json")["config"]
+    given = {name: config[name] for name in overridden if name in MAY_CHANGE_ON_RESUME}
+    config = {**defaults, **saved, **given, "RESUME": resume}
+    print(f"resuming {run_dir} with its saved settings:")
+    settings.print_config(config, defaults)
+    if not cluster_task()[1]:  # a worker goes on from a temporary copy; the chief writes
+        run_dir = shutil.copytree(
+            run_dir, new_run_dir(out_dir, script), dirs_exist_ok=True
+        )
+    return config, run_dir
 
 
 def check_resumable(run_dir, script):
     """Raise DataError (exit 3) naming the first file of `run_dir` that a resume of
     `script` could not safely go on from: a run of another script, a damaged
-    config.json, a truncated model.keras, a damaged or NaN backup."""
+    config.json, a truncated model.keras, a damaged backup or one of NaN weights."""
     cannot = "this run cannot be resumed; start a new one"
     path = run_dir / "config.json"
     try:
@@ -161,37 +137,29 @@ def check_resumable(run_dir, script):
         except (OSError, ValueError, TypeError, KeyError):
             raise settings.DataError(f"{path}: damaged; {cannot}") from None
     for path in sorted((run_dir / "backup").glob("*/latest.weights.h5")):
-        finite = weights_file_is_finite(path)
-        if finite is None:
-            raise settings.DataError(f"{path}: damaged or truncated; {cannot}")
-        if not finite:
+        try:
+            with h5py.File(path, "r") as file:
+                names = []
+                file.visit(names.append)  # every group and array, by path
+                items = [file[name] for name in names]
+                arrays = [
+                    item[()]
+                    for item in items
+                    if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
+                ]
+        except (OSError, ValueError, KeyError):
+            raise settings.DataError(f"{path}: damaged or truncated; {cannot}") from None
+        if not all(np.isfinite(array).all() for array in arrays):
             raise settings.DataError(
                 f"{path}: holds NaN or inf weights (the run diverged); resuming would "
                 f"train on from them. Start a new run with a lower learning rate"
             )
 
 
-def weights_file_is_finite(path):
-    """True if every float array in the .weights.h5 file is finite, False if one is
-    not, None if the file cannot be read."""
-    arrays = []
-    try:
-        with h5py.File(path, "r") as file:
-            file.visititems(
-                lambda name, item: (
-                    arrays.append(item[()])
-                    if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
-                    else None
-                )
-            )
-    except (OSError, ValueError, KeyError):
-        return None
-    return all(np.isfinite(array).all() for array in arrays)
-
-
 def save_run_config(run_dir, script, config, data_source, **extra):
     """config.json: the effective configuration, the data, library versions, devices,
     and `extra` facts evaluate.py needs (e.g. the input range the model expects)."""
+    versions = {module.__name__: module.__version__ for module in (tf, keras, np)}
     settings.write_json(
         run_dir / "config.json",
         {
@@ -199,19 +167,10 @@ def save_run_config(run_dir, script, config, data_source, **extra):
             "config": config,
             "data_source": data_source,
             **extra,
-            "versions": {
-                "python": platform.python_version(),
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-                "numpy": np.__version__,
-            },
+            "versions": {"python": platform.python_version(), **versions},
             "devices": [device.name for device in tf.config.list_logical_devices()],
         },
     )
-
-
-# ---------------------------------------------------------------------------------
-# Set-up: seeds, devices and precision
 
 
 def seed_everything(seed):
@@ -228,9 +187,8 @@ def gpu_names():
 
 
 def cluster_task():
-    """(workers, chief): how many chief and worker tasks TF_CONFIG's cluster names (0
-    without TF_CONFIG), and whether this process is the chief (the "chief" task, else
-    worker 0, as TensorFlow decides it)."""
+    """(workers, chief): the chief and worker tasks TF_CONFIG's cluster names (0 without
+    it), and whether this process is the chief ("chief", else worker 0, as TF decides)."""
     try:
         tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
         cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
@@ -244,9 +202,6 @@ def cluster_task():
         task.get("type") == "worker" and task.get("index") == 0 and "chief" not in cluster
     )
     return workers, chief or workers <= 1
-
-
-HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
 
 
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -272,7 +227,9 @@ def distribution_strategy():
     if cluster_task()[0] > 1:
         # The coordination service as the strategy sets it up, with a longer heartbeat
         # timeout: TensorFlow's 10 s takes a worker slowed by other work for dead.
-        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import (
+            CoordinatedJob,
+        )
         from tensorflow.python.eager import context
 
         cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
@@ -282,10 +239,7 @@ def distribution_strategy():
             service_leader=f"/job:{jobs[0]}/replica:0/task:0",
             heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_MS,
             coordinated_jobs=[
-                coordination_config_pb2.CoordinatedJob(
-                    name=job, num_tasks=len(cluster[job])
-                )
-                for job in jobs
+                CoordinatedJob(name=job, num_tasks=len(cluster[job])) for job in jobs
             ],
         )
         return MultiWorkerStrategy()
@@ -296,11 +250,10 @@ def distribution_strategy():
 
 
 def precision_policy(mixed_precision, replicas, gpus, cpu_flags=()):
-    """The Keras dtype policy for MIXED_PRECISION ("off", "on" or "auto"). "on" is
-    mixed_float16 on one GPU, else mixed_bfloat16; "auto" is "on" on GPUs and on CPUs
-    with AMX bfloat16 units (amx_bf16), float32 elsewhere. Several replicas take
-    bfloat16: Keras 3.15.1's LossScaleOptimizer judges an overflow from the first
-    replica's gradients alone, and bfloat16 needs no loss scaling."""
+    """The Keras dtype policy for MIXED_PRECISION ("off", "on" or "auto"): "on" is
+    mixed_float16 on one GPU, else mixed_bfloat16; "auto" is "on" on GPUs and AMX CPUs
+    (amx_bf16). Several replicas take bfloat16, which needs no loss scaling: Keras
+    3.15.1's LossScaleOptimizer judges an overflow from the first replica alone."""
     if mixed_precision == "off" or (
         mixed_precision == "auto" and not gpus and "amx_bf16" not in cpu_flags
     ):
@@ -341,10 +294,8 @@ class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
         rising = self.start + (1 - self.start) * step / max(self.warmup_steps, 1)
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         progress = keras.ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-        if self.decay == "cosine":
-            falling = 0.5 * (1 + keras.ops.cos(np.pi * progress))
-        else:
-            falling = 1 - progress
+        cosine = 0.5 * (1 + keras.ops.cos(np.pi * progress))
+        falling = cosine if self.decay == "cosine" else 1 - progress
         falling = self.end + (1 - self.end) * falling
         return self.peak * keras.ops.where(step < self.warmup_steps, rising, falling)
 
@@ -380,10 +331,9 @@ class Bias(keras.layers.Layer):
 
 
 def compile_model(model, optimizer, label_smoothing, jit_compile):
-    """Compile for one-hot labels; a phase that changes what is trainable compiles
-    again. The metric is an object and the optimizer is built here: Keras 3.15 would
-    create both inside the first trace of the train step, which TensorFlow then traces
-    a second time."""
+    """Compile for one-hot labels (again in a phase that changes what is trainable).
+    The metric object and the optimizer's build are here: Keras 3.15 would create both
+    inside the first trace of the train step, which TensorFlow then traces again."""
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
@@ -403,18 +353,14 @@ def count_trainable(model):
 
 
 class Diverged(Exception):
-    """The loss, or a weight, became NaN or inf in epoch `epoch` (0-based)."""
-
-    def __init__(self, epoch):
-        super().__init__(epoch)
-        self.epoch = epoch
+    """The loss, or a weight, became NaN or inf in the epoch (0-based) raised with."""
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Raise Diverged at the first NaN or inf loss, and at an epoch's end whose
-    validation loss, weights or optimizer state are not finite. Before the callbacks
-    that write, so a diverged epoch writes nothing. (Keras 3.15.1's TerminateOnNaN
-    stops only once the epoch ends, and BackupAndRestore then saves NaN weights.)"""
+    """Raise Diverged at the first NaN or inf loss, or at an epoch's end with a
+    non-finite validation loss, weight or optimizer state. Placed before the callbacks
+    that write, so a diverged epoch writes nothing (Keras 3.15.1's TerminateOnNaN stops
+    only once the epoch ends, and BackupAndRestore then saves NaN weights)."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -457,12 +403,8 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
 class Backup(keras.callbacks.BackupAndRestore):
     """Keras's resume state (weights, optimizer state, epoch) in backup/<phase>, each
     file written under a temporary name and renamed, weights first: Keras 3.15.1 writes
-    both in place (double_checkpoint only copies the last pair, and a half-written
-    training_metadata.json still stops the resume). Last in the callbacks, so an epoch
-    counts as done only once its checkpoint and history row are on disk."""
-
-    def __init__(self, backup_dir):
-        super().__init__(str(backup_dir), delete_checkpoint=False)
+    both in place, and a half-written training_metadata.json stops a resume even with
+    double_checkpoint. Last in the callbacks: an epoch is done once all else is saved."""
 
     def on_epoch_end(self, epoch, logs=None):
         weights = Path(self._weights_path)
@@ -476,9 +418,8 @@ class Backup(keras.callbacks.BackupAndRestore):
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
-    """Early stopping on val_accuracy that survives a resume: Keras 3.15.1 resets its
-    best value and patience in on_train_begin, so this replays `earlier_rows`, the
-    phase's epochs already in history.csv."""
+    """Early stopping on val_accuracy across a resume: Keras 3.15.1 resets it in
+    on_train_begin, so this replays `earlier_rows`, the phase's rows in history.csv."""
 
     def __init__(self, patience, earlier_rows):
         super().__init__(monitor="val_accuracy", mode="max", patience=patience)
@@ -505,45 +446,39 @@ class History(keras.callbacks.CSVLogger):
         self.validation_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        end = time.perf_counter()
-        train_seconds = (self.validation_start - self.epoch_start) or (
-            end - self.epoch_start
-        )
+        seconds = time.perf_counter() - self.epoch_start
+        train_seconds = (self.validation_start - self.epoch_start) or seconds
         logs = {
             **(logs or {}),
             "phase": self.phase,
-            "epoch_seconds": round(end - self.epoch_start, 3),
+            "epoch_seconds": round(seconds, 3),
             "images_per_second": round(self.images_per_epoch / train_seconds, 1),
         }
         super().on_epoch_end(epoch, logs)
 
 
 def history_frame(run_dir):
-    """history.csv as a DataFrame, without a row a crash cut short; empty before epoch 1."""
+    """history.csv as a DataFrame, without a row a crash cut short; empty before any."""
     path = Path(run_dir) / "history.csv"
     if not path.is_file() or not path.stat().st_size:
         return pd.DataFrame()
-    return pd.read_csv(path, on_bad_lines="skip").dropna()
+    frame = pd.read_csv(path, on_bad_lines="skip").dropna()
+    return frame.astype({"epoch": int}) if "epoch" in frame else frame
 
 
 def read_history(run_dir):
     """history.csv as a list of dicts, numbers parsed."""
-    frame = history_frame(run_dir)
-    if "epoch" in frame:
-        frame["epoch"] = frame["epoch"].astype(int)
-    return frame.to_dict("records")
+    return history_frame(run_dir).to_dict("records")
 
 
 def fit(
     model, pipelines, run_dir, *, phase, epochs, initial_epoch=0,
     early_stopping_patience=0, verbose=1, callbacks=(),
 ):  # fmt: skip
-    """`model.fit` from epoch `initial_epoch` to `epochs` with the run's callbacks (and
-    `callbacks` first). Safe to call again on the same run folder: it restores the last
-    finished epoch from backup/<phase>, drops history rows the backup does not hold,
-    and goes on; early stopping remembers the phase's earlier epochs. Ctrl-C raises
-    Interrupted with the resume command; divergence a ConfigError, leaving the last
-    finite state."""
+    """`model.fit` from `initial_epoch` to `epochs` with `callbacks`, then the run's.
+    Called again, it goes on from backup/<phase>, drops the history rows the backup
+    does not hold, and early stopping counts the phase's earlier epochs. Ctrl-C raises
+    Interrupted, with the resume command; divergence a ConfigError."""
     run_dir = Path(run_dir)
     backup_dir = run_dir / "backup" / phase
     metadata = backup_dir / "training_metadata.json"
@@ -571,12 +506,11 @@ def fit(
         stopper.set_model(model)
         stopper.on_train_begin()
         if stopper.stopped_epoch:
-            print(
-                f"{phase}: early stopping ended this phase after epoch {stopper.stopped_epoch + 1}"
-            )
+            stopped = stopper.stopped_epoch + 1
+            print(f"{phase}: early stopping ended this phase after epoch {stopped}")
             return
         callbacks.append(stopper)
-    callbacks.append(Backup(backup_dir))
+    callbacks.append(Backup(str(backup_dir), delete_checkpoint=False))
     # Keras 3.15.1: BackupAndRestore sets model._initial_epoch and nothing clears it,
     # so a later phase without a backup would start where the previous one was restored.
     model._initial_epoch = None
@@ -592,22 +526,21 @@ def fit(
             f"Resume with: python {run_dir.parent.name}.py --resume={run_dir}"
         ) from None
     except Diverged as diverged:
-        done = len(read_history(run_dir))
+        (epoch,) = diverged.args
+        done = len(history_frame(run_dir))
         kept = (
             f"its state after epoch {done}, the last finite one, is kept in {run_dir}"
             if done
             else f"it had finished no epoch ({run_dir})"
         )
         raise settings.ConfigError(
-            f"training diverged in epoch {diverged.epoch + 1} (NaN or inf); {kept}. "
+            f"training diverged in epoch {epoch + 1} (NaN or inf); {kept}. "
             f"Start a new run with a lower learning rate"
         ) from None
 
 
 # ---------------------------------------------------------------------------------
 # Evaluation: the best checkpoint on the test set, with test-time augmentation
-
-TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
 
 
 def load_checkpoint(run_dir):
@@ -625,30 +558,24 @@ def load_checkpoint(run_dir):
 
 
 def predict_tta(model, dataset, tta="none"):
-    """({level: probabilities}, one-hot labels) over a whole (images, labels) dataset,
-    for each test-time augmentation level up to `tta`: "none", the images; "flip",
-    the mean with their mirror images; "crops" (airbench's), half that and half the
-    mean of two 1-pixel shifts (reflect-padded, up-left and down-right), each mirrored.
-    The model trained on flips and shifts, so every view is one of its own."""
+    """({level: probabilities}, one-hot labels) over an (images, labels) dataset, for
+    each test-time augmentation level up to `tta`: "none"; "flip", the mean with the
+    mirror images; "crops" (airbench's), half that and half the mean of two mirrored
+    1-pixel shifts. The model trained on flips and shifts: it knows every such view."""
     images = dataset.map(lambda images, labels: images)
 
     def predict(views, mirror=False):
-        return model.predict(
-            views.map(lambda x: tf.reverse(x, [2])) if mirror else views, verbose=0
-        )
+        views = views.map(lambda x: tf.reverse(x, [2])) if mirror else views
+        return model.predict(views, verbose=0)
 
     levels = {"none": predict(images)}
     if tta != "none":
         levels["flip"] = (levels["none"] + predict(images, mirror=True)) / 2
     if tta == "crops":
-        padded = images.map(
-            lambda x: tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "REFLECT")
-        )
-        shifted = [
-            padded.map(lambda x: x[:, :-2, :-2]),
-            padded.map(lambda x: x[:, 2:, 2:]),
-        ]
-        views = [predict(view, mirror) for view in shifted for mirror in (False, True)]
+        one_pixel = [[0, 0], [1, 1], [1, 1], [0, 0]]  # around each image of a batch
+        padded = images.map(lambda x: tf.pad(x, one_pixel, "REFLECT"))
+        crops = [padded.map(lambda x: x[:, :-2, :-2]), padded.map(lambda x: x[:, 2:, 2:])]
+        views = [predict(view, mirror) for view in crops for mirror in (False, True)]
         levels["crops"] = levels["flip"] / 2 + sum(views) / 8
     labels = np.concatenate([labels.numpy() for _, labels in dataset])
     return levels, labels
@@ -661,10 +588,9 @@ def predict_probabilities(model, dataset, tta="none"):
 
 
 def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
-    """Evaluate the best checkpoint once on the test set and write metrics.json, which
-    marks the run finished; the resume backup is then removed. test_accuracy is at the
-    run's `tta` level, and each lower level's accuracy is kept beside it, so runs of
-    different settings can be compared alike."""
+    """Test the best checkpoint once and write metrics.json, which marks the run
+    finished, then remove the backup. test_accuracy is at level `tta`, each lower
+    level's beside it, so runs of different settings compare alike."""
     checkpoint = run_dir / "model.keras"
     if not checkpoint.is_file():
         model.save(checkpoint)
@@ -693,7 +619,7 @@ def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
     print(
         f"test accuracy {metrics['test_accuracy']:.4f} (test-time augmentation: {tta}), "
         f"test loss {metrics['test_loss']:.4f}, {metrics['epochs']} epochs in "
-        f"{metrics['train_seconds']:.0f} s ({metrics['images_per_second']:.0f} images/s); "
-        f"run folder {run_dir}"
+        f"{metrics['train_seconds']:.0f} s "
+        f"({metrics['images_per_second']:.0f} images/s); run folder {run_dir}"
     )
     return metrics

@@ -153,9 +153,6 @@ def own_stderr_lines(stderr):
 
 
 TINY_RUN = ["--batch_size=32", "--verbose=0"]
-# scratch_cnn.py runs of the tests whose point is that they learn: 36 steps would peak
-# at 0.007 (FULL_RATE_STEPS), too slow for the tiny data's few epochs.
-FULL_RATE = []
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +168,6 @@ def scratch_run(cifar_dir, runs_dir):
 
     return scratch_cnn.main(
         [f"--data_dir={cifar_dir}", f"--out_dir={runs_dir}", "--epochs=4", "--width=16"]
-        + FULL_RATE
         + TINY_RUN
     )
 

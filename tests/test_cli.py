@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import FULL_RATE, OFFLINE_ENV, REPO, TINY_RUN, run_script
+from conftest import OFFLINE_ENV, REPO, TINY_RUN, run_script
 
 import bench
 import data
@@ -350,7 +350,6 @@ def test_two_workers_train_like_one(cifar_dir, tmp_path, scratch_run):
         f"--out_dir={out_dir}",
         "--epochs=4",
         "--width=16",
-        *FULL_RATE,
         *TINY_RUN,
     ]
     workers = [
