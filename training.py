@@ -574,7 +574,9 @@ def predict_tta(model, dataset, tta="none"):
     if tta == "crops":
         one_pixel = [[0, 0], [1, 1], [1, 1], [0, 0]]  # around each image of a batch
         padded = images.map(lambda x: tf.pad(x, one_pixel, "REFLECT"))
-        crops = [padded.map(lambda x: x[:, :-2, :-2]), padded.map(lambda x: x[:, 2:, 2:])]
+        top_left = padded.map(lambda x: x[:, :-2, :-2])  # one lambda a line: AutoGraph
+        bottom_right = padded.map(lambda x: x[:, 2:, 2:])  # finds each by its line
+        crops = [top_left, bottom_right]
         views = [predict(view, mirror) for view in crops for mirror in (False, True)]
         levels["crops"] = levels["flip"] / 2 + sum(views) / 8
     labels = np.concatenate([labels.numpy() for _, labels in dataset])

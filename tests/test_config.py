@@ -5,6 +5,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+import numpy as np
 import pytest
 from conftest import own_stderr_lines, run_script
 
@@ -292,3 +293,20 @@ def test_the_newest_run_is_the_newest_folder_name_whatever_was_written_last(tmp_
     (folders[0] / "export").mkdir()  # touched last
     assert settings.list_runs(tmp_path, "scratch_cnn", finished=True) == folders
     assert settings.list_runs(tmp_path, "scratch_cnn", finished=False) == []
+
+
+def test_test_time_crops_run_converted_without_autograph_warnings(caplog):
+    """Every view of the crops level is traced by AutoGraph: a lambda it cannot find
+    in the source (two on one line) runs as-is and prints a warning in every run."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])  # fmt: skip
+    images = np.random.default_rng(0).random((6, 8, 8, 3), np.float32)
+    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(3)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        levels, _ = training.predict_tta(model, dataset, "crops")
+    assert sorted(levels) == ["crops", "flip", "none"]
+    assert not [r for r in caplog.records if "AutoGraph" in r.getMessage()]
