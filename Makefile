@@ -46,7 +46,7 @@ $(R)/%.done:
 	touch $@
 
 results: install $(RESULTS:%=$(R)/%.done)
-	$(BIN)/python evaluate.py --runs=$$(ls -d $(R)/*/*/*/ | paste -sd, -) \
+	$(BIN)/python evaluate.py --runs=$$(for r in $(RESULTS); do ls -d $(R)/$$r/*/*/; done | paste -sd, -) \
 		--plots_dir=results $(LABEL)
 	for r in $(EXPORTED); do run=$$(ls -d $(R)/$$r/*/*/ | tail -1); \
 		$(BIN)/python export.py --run=$$run && cp $$run/export/export.md results/export_$$r.md; \
