@@ -556,15 +556,12 @@ class Pipelines(NamedTuple):
 
 def pipelines_for(config, value_range, replicas=1):
     """A training script's data from its config block (DATA_DIR split as load_data says)
-    in batches at IMG_SIZE scaled to `value_range`. The batch is BATCH_SIZE, or an eighth
-    of the training images when that is smaller (a small set still gets several steps an
-    epoch), rounded to a multiple of `replicas`."""
+    in batches at IMG_SIZE scaled to `value_range`, of settings.batch_size images."""
     settings.check_data_settings(config)
     x_train, y_train, x_val, y_val, x_test, y_test, class_names, source = load_data(
         config, config["IMG_SIZE"]
     )
-    batch_size = min(config["BATCH_SIZE"], max(len(y_train) // 8, 1))
-    batch_size = max(round(batch_size / replicas), 1) * replicas
+    batch_size = settings.batch_size(config, len(y_train), replicas)
     fixed_steps = config["STEPS_PER_EPOCH"]
     batches = {
         "batch_size": batch_size, "image_size": config["IMG_SIZE"],

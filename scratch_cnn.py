@@ -48,9 +48,7 @@ LOGIT_SCALE = 0.111  # logits times this before the softmax (airbench94: 1/9)
 EPOCHS = 10  # passes over the training images
 LEARNING_RATE = 1.5  # SGD peak rate for a batch of 1,024 (mean loss), scaled by batch
 MOMENTUM = 0.85  # Nesterov momentum
-L2 = (
-    1.33e-3  # coupled L2: lambda x weight added to each gradient (PyTorch's weight_decay)
-)
+L2 = 1.33e-3  # coupled L2: lambda x weight added to each gradient (airbench's decay)
 WARMUP_FRACTION = 0.23  # share of the steps the rate rises over, linearly
 START_RATE = 0.2  # the warm-up starts at this fraction of the peak rate
 END_RATE = 0.07  # then the rate falls linearly to this fraction of the peak

@@ -44,12 +44,20 @@ def require(condition, message):
 
 def check_data_settings(config):
     """The data settings the training scripts share, those `config` has, checked."""
-    for name in ("VAL_FRACTION", "TEST_FRACTION"):
-        value = config.get(name, 0.5)
+    for name in [name for name in ("VAL_FRACTION", "TEST_FRACTION") if name in config]:
+        value = config[name]
         require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
     images = config.get("TRAIN_IMAGES", 0)
     require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
     require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")
+
+
+def batch_size(config, train_images, replicas=1):
+    """The batch a run uses: BATCH_SIZE, or an eighth of its training images when that
+    is smaller (a small set still gets several steps an epoch), rounded to a multiple
+    of `replicas`."""
+    size = min(config["BATCH_SIZE"], max(train_images // 8, 1))
+    return max(round(size / replicas), 1) * replicas
 
 
 def fail(message, exit_code):

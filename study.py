@@ -46,7 +46,7 @@ EXPORT = False  # after each finished point, run export.py --run=<run> --forms=i
 MIN_STEP_IMAGES = 5000  # fair budget: a smaller training set gets this many images' steps
 DRY_RUN = False  # list the points, which are finished, and a time ESTIMATE; run nothing
 COMMANDS = False  # print the command of every unfinished point, one a line; run nothing
-POINT = ""  # run only this point (its folder name); the --commands lines set it
+POINT = ""  # run only this point (its folder name), then report all finished ones
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
 REPO = Path(__file__).resolve().parent
@@ -88,12 +88,12 @@ def as_flag(name, value):
 
 
 def fair_budget(run, study):
-    """A training set smaller than MIN_STEP_IMAGES trains as many steps per epoch as
-    that many images (less the validation share) give, not a handful."""
-    least = study["MIN_STEP_IMAGES"]
-    images = least - math.ceil(run["VAL_FRACTION"] * least)
-    steps = {"STEPS_PER_EPOCH": math.ceil(images / run["BATCH_SIZE"])}
-    return steps if 0 < run["TRAIN_IMAGES"] < least else {}
+    """A training set smaller than MIN_STEP_IMAGES sees as many images an epoch as that
+    many (less the validation share) would, in batches of the size the run will use."""
+    least, given = study["MIN_STEP_IMAGES"], run["TRAIN_IMAGES"]
+    train = [count - math.ceil(run["VAL_FRACTION"] * count) for count in (least, given)]
+    steps = math.ceil(train[0] / settings.batch_size(run, train[1]))
+    return {"STEPS_PER_EPOCH": steps} if 0 < given < least else {}
 
 
 def data_efficiency():
@@ -569,21 +569,19 @@ def main(argv):
         return print("\npresets (the question each answers):", *presets, sep="\n")
     study = parse_command_line(argv)
     points, config = make_points(study), study["config"]
-    if config["POINT"]:
-        points = [point for point in points if point["id"] == config["POINT"]]
-        require(points, f"--point={config['POINT']}: no such point in this study now")
+    chosen = [p for p in points if config["POINT"] in ("", p["id"])]
+    require(chosen, f"--point={config['POINT']}: no such point in this study now")
     if config["DRY_RUN"]:
-        return dry_run(study, points)
-    todo = [point for point in points if not state(point, config["EXPORT"])["done"]]
+        return dry_run(study, chosen)
+    todo = [point for point in chosen if not state(point, config["EXPORT"])["done"]]
     for point in todo if config["COMMANDS"] else []:
         argv = [sys.executable, sys.argv[0], *study["argv"], "--point=" + point["id"]]
         print(shlex.join(argv))
     if config["COMMANDS"]:
         return 0
     tables(study, [point for point in points if point not in todo][:1])  # --metric
-    failed = run_study(study, points, todo)
-    if not config["POINT"]:
-        report(study, points)
+    failed = run_study(study, chosen, todo)
+    report(study, points)  # from every finished point, whichever process ran them
     for point, record in failed:  # its folder has the whole log
         print(f"study.py: {point['id']} failed: {record['error']}", file=sys.stderr)
     if failed:

@@ -210,7 +210,8 @@ def test_rerun_of_a_finished_study_runs_nothing(tiny_study):
 def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     """A wider sweep adds points; --dry_run lists them with an estimate; --commands
     prints one line per unfinished point; a point another process holds is skipped,
-    and is free again once that process is killed."""
+    and is free again once that process is killed; then a --commands line runs its
+    point and updates the study's outputs."""
     root, script = tiny_study["root"], str(tiny_study["script"])
     args = [script, "--sweep=train_images:100,200", *tiny_study["args"]]
     listing = run_study([*args, "--dry_run"])
@@ -256,6 +257,17 @@ def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     assert study.claim_point(point_dir, take=False) == (None, who_line(point_dir))
     os.close(fd)
     assert study.claim_point(point_dir, take=False) == (None, None)
+
+    # A --commands line runs its point and rewrites the study's outputs from every
+    # finished point, so points run apart (or in parallel) still make one figure.
+    result = subprocess.run(
+        shlex.split(commands[0]), cwd=REPO, env=ENV, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(runs_in(point_dir)) == 1 and "(4 of 6 runs finished)" in result.stdout
+    rows = read_csv(root / "plots" / "study_tiny.csv")
+    assert sorted(row["training images"] for row in rows) == ["100"] * 3 + ["200"]
 
 
 def who_line(point_dir):
@@ -312,8 +324,9 @@ def test_failing_point_is_recorded_and_the_study_goes_on(tiny_study):
 
 def test_presets_name_models_and_give_small_sets_a_fair_budget(tmp_path):
     """data_efficiency: weights swept only where the script has them (scratch one line,
-    MobileNetV2 two), models named for readers, and below MIN_STEP_IMAGES a number of
-    steps per epoch that that many images (less the validation share) would give."""
+    MobileNetV2 two), models named for readers, and below MIN_STEP_IMAGES as many
+    images an epoch as that many (less the validation share) would give, counted in
+    the batches the run really uses (an eighth of a small set), not in BATCH_SIZE."""
     out = f"--out_dir={tmp_path}"
     listing = run_study(["data_efficiency", "--dry_run", out], timeout=60)
     assert listing.returncode == 0, listing.stderr
@@ -328,6 +341,7 @@ def test_presets_name_models_and_give_small_sets_a_fair_budget(tmp_path):
         ("transfer_mobilenetv2.py", "ImageNet"),
     ):
         batch = settings.read_script(REPO / script).settings["BATCH_SIZE"].default
+        batch = min(batch, (250 - math.ceil(0.1 * 250)) // 8)  # 28 of 225 images
         steps = math.ceil(train / batch)
         small = [line for line in lines if model in line and "images 250," in line]
         assert len(small) == 3 and all(
@@ -337,7 +351,10 @@ def test_presets_name_models_and_give_small_sets_a_fair_budget(tmp_path):
         assert len(large) == 3 and not any("steps per epoch" in line for line in large)
     budget = study.fair_budget
     run = {"TRAIN_IMAGES": 250, "VAL_FRACTION": 0.2, "BATCH_SIZE": 100}
-    assert budget(run, {"MIN_STEP_IMAGES": 1000}) == {"STEPS_PER_EPOCH": 8}
+    assert budget(run, {"MIN_STEP_IMAGES": 1000}) == {"STEPS_PER_EPOCH": 32}  # 800 / 25
+    assert budget(run | {"BATCH_SIZE": 10}, {"MIN_STEP_IMAGES": 1000}) == {
+        "STEPS_PER_EPOCH": 80
+    }
     assert budget(run | {"TRAIN_IMAGES": 1000}, {"MIN_STEP_IMAGES": 1000}) == {}
     assert budget(run | {"TRAIN_IMAGES": 0}, {"MIN_STEP_IMAGES": 1000}) == {}
     # A setting given on the command line wins over the budget.
