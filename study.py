@@ -1,5 +1,5 @@
 """Sweeps of one or two settings of the training scripts over seeds, each point a run of
-the real script; a figure with 95% confidence intervals, a CSV and a Markdown table.
+the real script; a figure with confidence intervals, a CSV and a Markdown table.
 
     python study.py data_efficiency                   # a preset (listed below)
     python study.py data_efficiency --alpha=1.0 --epochs=5   # settings for its runs
@@ -43,6 +43,7 @@ OUT_DIR = "runs"  # points go to OUT_DIR/study/<study>/<point>/, each the run's 
 PLOTS_DIR = "plots"  # study_<study>.png, .csv and .md go here, replacing earlier ones
 DATA_LABEL = ""  # what the outputs call the data; "" = the folder the runs recorded
 EXPORT = False  # after each finished point, run export.py --run=<run> --forms=int8
+INTERVAL = 0.95  # confidence level of the Student-t interval of each point's mean
 MIN_STEP_IMAGES = 5000  # fair budget: a smaller training set gets this many images' steps
 DRY_RUN = False  # list the points, which are finished, and a time ESTIMATE; run nothing
 COMMANDS = False  # print the command of every unfinished point, one a line; run nothing
@@ -188,6 +189,7 @@ def parse_command_line(argv):
     require(all(map(str.isdigit, seeds)), f"--seeds takes integers, e.g. 0,1,2: {seeds}")
     metrics = config["METRIC"].replace(" ", "").split(",")
     require(len(metrics) < 3 and all(metrics), "--metric takes one or two metric names")
+    require(0 < config["INTERVAL"] < 1, "--interval must lie in (0, 1), e.g. 0.95")
     stems = [path.stem for path in scripts] + [name.lower() for name in sweeps]
     name = config["STUDY"] or (names[0] if preset else "-".join(stems))
     require(re.fullmatch(r"[\w.+-]+", name), f"--study={name}: letters, digits, _.+-")
@@ -411,7 +413,7 @@ def number(value):
 
 def tables(study, points):
     """(runs, summary): a row per finished run, and per point each metric's mean, sd, n
-    and the half-width (ci) of the 95% confidence interval of the mean (Student's t).
+    and the half-width (ci) of the INTERVAL confidence interval of the mean (Student's t).
     Columns carry settings' and metrics' names (TRAIN_IMAGES, test_accuracy)."""
     import pandas as pd
     from scipy import stats
@@ -443,7 +445,8 @@ def tables(study, points):
     codes = ("code", lambda codes: " ".join(sorted(set(codes))))
     summary = groups.agg(n=("seed", "count"), code=codes, wall=("wall seconds", "mean"))
     summary = summary.reset_index()
-    t = stats.t.ppf(0.975, summary["n"] - 1)  # n - 1 degrees of freedom
+    level = study["config"]["INTERVAL"]
+    t = stats.t.ppf((1 + level) / 2, summary["n"] - 1)  # n - 1 degrees of freedom
     for metric in study["metrics"]:
         summary[metric] = groups[metric].mean().to_numpy()
         summary[metric + " sd"] = groups[metric].std().to_numpy()
@@ -456,7 +459,8 @@ def markdown(study, runs, summary, points):
     metrics, name = study["metrics"], study["name"]
     names = [n for n in summary if n.isupper() and n not in MODELS]  # settings' columns
     header = ["model", *map(label, names), "n"]
-    header += [h for m in metrics for h in (f"mean {label(m)}", "sd", "95% CI")]
+    level = f"{study['config']['INTERVAL']:.0%}"
+    header += [h for m in metrics for h in (f"mean {label(m)}", "sd", f"{level} CI")]
     rows = []
     for row in summary.to_dict("records"):
         cells = [row["model"], *(show(n, row[n]) for n in names), row["n"]]
@@ -474,7 +478,7 @@ def markdown(study, runs, summary, points):
         f"# Study: {name}\n\n**{study['question'] or ', '.join(map(label, metrics))}**\n",
         f"Reproduce: `{shlex.join(['python', 'study.py', *study['argv']])}`\n",
         f"- data: {'; '.join(sorted(set(runs['data'])))}",
-        f"- per point: {stats} and the 95% confidence interval of the mean ({student})",
+        f"- per point: {stats} and the {level} confidence interval of the mean ({student})",
         f"- settings given to every run: {study['flags']}; budget: {budget}",
         "- code: hash of the script and modules it imports; other code reruns a point",
         f"- CPU: {'; '.join(sorted(cpus)) or 'not recorded'}",
@@ -491,7 +495,7 @@ def markdown(study, runs, summary, points):
 
 def draw(study, runs, summary):
     """The first metric against the first swept setting (or the second metric): a line
-    per model and other swept values, mean and 95% interval per point, a dot per run."""
+    per model and other swept values, mean and interval per point, a dot per run."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
@@ -532,7 +536,8 @@ def draw(study, runs, summary):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     subtitle = (
-        f"Mean over seeds {', '.join(map(str, study['seeds']))}; error bars: 95% "
+        f"Mean over seeds {', '.join(map(str, study['seeds']))}; error bars: "
+        f"{study['config']['INTERVAL']:.0%} "
         f"confidence interval of the mean (Student's t); dots: single runs. Data: "
         f"{'; '.join(sorted(set(runs['data'])))}. Settings: {study['flags']}."
     )

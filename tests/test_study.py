@@ -133,8 +133,8 @@ def test_interrupted_study_resumes_its_run_and_completes(tiny_study):
 
 def test_outputs_say_what_was_measured_with_confidence_intervals(tiny_study):
     """A row per run in the CSV, readable names, the code that made each run; the table's
-    interval is mean ± t(0.975, n - 1)·sd/√n, here for a second metric, test loss
-    (which varies between seeds even where a tiny run's accuracy does not)."""
+    interval is mean ± t((1 + INTERVAL) / 2, n - 1)·sd/√n at two levels, here for a
+    second metric, test loss (which varies between seeds where accuracy does not)."""
     root, plots = tiny_study["root"], tiny_study["root"] / "plots"
     rows = read_csv(plots / "study_tiny.csv")
     assert sorted(row["seed"] for row in rows) == ["0", "1", "2"]
@@ -158,27 +158,29 @@ def test_outputs_say_what_was_measured_with_confidence_intervals(tiny_study):
     assert (plots / "study_tiny.png").read_bytes().startswith(b"\x89PNG")
     assert "- code: hash of the script and modules it imports" in table
 
-    other = root / "plots-two"
-    result = run_study(
-        [
-            *tiny_study["command"],
-            "--metric=test_accuracy,test_loss",
-            f"--plots_dir={other}",
-        ]
-    )
-    assert result.returncode == 0, result.stderr
-    assert "3 points, 3 finished, 0 to run" in result.stdout
-    losses = [float(row["test loss"]) for row in read_csv(other / "study_tiny.csv")]
-    mean, sd = statistics.mean(losses), statistics.stdev(losses)
-    assert sd > 0
-    t = 0.95 * math.sqrt(
-        2 / (1 - 0.95**2)
-    )  # Student's t(0.975) with 2 degrees of freedom
-    half = t * sd / math.sqrt(3)
-    cells = f"| {mean:.4f} | {sd:.4f} | {mean - half:.4f} to {mean + half:.4f} |"
-    assert cells in (other / "study_tiny.md").read_text()
-    png = (other / "study_tiny.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    for level, folder in ((0.95, "plots-two"), (0.9, "plots-90")):
+        other = root / folder
+        result = run_study(
+            [
+                *tiny_study["command"],
+                "--metric=test_accuracy,test_loss",
+                f"--plots_dir={other}",
+                f"--interval={level}",
+            ]
+        )
+        assert result.returncode == 0, result.stderr
+        assert "3 points, 3 finished, 0 to run" in result.stdout
+        losses = [float(row["test loss"]) for row in read_csv(other / "study_tiny.csv")]
+        mean, sd = statistics.mean(losses), statistics.stdev(losses)
+        assert sd > 0
+        t = level * math.sqrt(2 / (1 - level**2))  # Student's t, 2 degrees of freedom
+        half = t * sd / math.sqrt(3)
+        cells = f"| {mean:.4f} | {sd:.4f} | {mean - half:.4f} to {mean + half:.4f} |"
+        table = (other / "study_tiny.md").read_text()
+        assert cells in table and f"| sd | {level:.0%} CI |" in table
+        assert f"and the {level:.0%} confidence interval of the mean" in table
+        png = (other / "study_tiny.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_figure_names_its_axes_lines_and_error_bars(tiny_study):
@@ -462,6 +464,7 @@ def test_help_has_the_shared_format_and_the_presets():
         (["data_efficiency", "--sweep=epochs:1,2"], "a preset has its own sweep"),
         (["data_efficiency", "--train_images=5"], "--train_images: swept in this study"),
         (["freeze_depth", "--seed=1"], "--seed is the study's to set"),
+        (["freeze_depth", "--interval=95"], "--interval must lie in (0, 1)"),
     ],
 )
 def test_bad_command_line_exits_2_in_one_line_before_any_run(tmp_path, args, message):
