@@ -47,6 +47,7 @@ INTERVAL = 0.95  # confidence level of the Student-t interval of each point's me
 MIN_STEP_IMAGES = 5000  # fair budget: a smaller training set gets this many images' steps
 DRY_RUN = False  # list the points, which are finished, and a time ESTIMATE; run nothing
 COMMANDS = False  # print the command of every unfinished point, one a line; run nothing
+REPORT = False  # write the outputs from the points finished so far; run nothing
 POINT = ""  # run only this point (its folder name), then report all finished ones
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
@@ -55,7 +56,8 @@ EXIT_FAILED = 1  # a point failed; the others ran
 AGAIN = "Run the same command again to go on."
 USAGE = "PRESET | SCRIPT... [--sweep=setting:v1,v2,...] [--name=value | --name value]"
 NOT_MEASURED = ("OUT_DIR", "RESUME", "VERBOSE", "DATA_DIR")  # where, how loud: not keys
-STUDY_ACTIONS = ("dry_run", "commands", "point")  # flags a --commands line leaves out
+STUDY_ACTIONS = ("dry_run", "commands", "report", "point")  # --commands lines drop these
+PLACES = ("data_dir", "out_dir", "plots_dir")  # machine paths: not in a published line
 EXPORTED = "export/export.json"  # in a run folder, once export.py has measured it
 MODELS = ("WEIGHTS", "ALPHA")  # settings.model_name names these
 LABELS = {"TRAIN_IMAGES": "training images", "FREEZE_FIRST": "frozen base layers"}
@@ -476,7 +478,7 @@ def markdown(study, runs, summary, points):
     unfinished = [(p, s["attempts"]) for p, s in zip(points, states) if not s["done"]]
     lines = [
         f"# Study: {name}\n\n**{study['question'] or ', '.join(map(label, metrics))}**\n",
-        f"Reproduce: `{shlex.join(['python', 'study.py', *study['argv']])}`\n",
+        f"Reproduce: `{reproduce(study)}` (with --data_dir for the data)\n",
         f"- data: {'; '.join(sorted(set(runs['data'])))}",
         f"- per point: {stats} and the {level} confidence interval of the mean ({student})",
         f"- settings given to every run: {study['flags']}; budget: {budget}",
@@ -543,13 +545,20 @@ def draw(study, runs, summary):
     )
     title = study["question"] or f"{label(metrics[0])} against {x_label}"
     title += f" (points labelled by {label(x_name)})" * two
-    footer = shlex.join(["python", "study.py", *study["argv"]])
+    footer = reproduce(study)
     footer += f"; {len(runs)} runs; code {' '.join(sorted(set(runs['code'])))}"
     figure.text(0.01, 0.985, title, fontsize=12, fontweight="bold", va="top")
     figure.text(0.01, 0.935, textwrap.fill(subtitle, 135), fontsize=8, va="top")
     figure.text(0.01, 0.01, textwrap.fill(footer, 150), fontsize=6.5, color="0.4")
     figure.subplots_adjust(left=0.1, right=0.97, top=0.84, bottom=0.16)
     return figure
+
+
+def reproduce(study):
+    """The study's command line as published: no paths of this machine."""
+    args = [arg if arg[:2] == "--" else Path(arg).name for arg in study["argv"]]
+    args = [arg for arg in args if arg[2:].split("=")[0] not in PLACES]
+    return shlex.join(["python", "study.py", *args])
 
 
 def report(study, points):
@@ -578,6 +587,8 @@ def main(argv):
     require(chosen, f"--point={config['POINT']}: no such point in this study now")
     if config["DRY_RUN"]:
         return dry_run(study, chosen)
+    if config["REPORT"]:
+        return report(study, points)
     todo = [point for point in chosen if not state(point, config["EXPORT"])["done"]]
     for point in todo if config["COMMANDS"] else []:
         argv = [sys.executable, sys.argv[0], *study["argv"], "--point=" + point["id"]]

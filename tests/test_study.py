@@ -150,6 +150,7 @@ def test_outputs_say_what_was_measured_with_confidence_intervals(tiny_study):
     table = (plots / "study_tiny.md").read_text()
     assert "| model | training images | n | mean test accuracy | sd | 95% CI |" in table
     assert "Reproduce: `python study.py " in table and "--study=tiny" in table
+    assert str(root) not in table and "_dir=" not in table  # no paths of this machine
     assert "- data: cifar-10-batches-py" in table
     given = (
         "- settings given to every run: --epochs=1 --steps_per_epoch=1 --batch_size=16;"
@@ -211,7 +212,8 @@ def test_rerun_of_a_finished_study_runs_nothing(tiny_study):
 
 def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     """A wider sweep adds points; --dry_run lists them with an estimate; --commands
-    prints one line per unfinished point; a point another process holds is skipped,
+    prints one line per unfinished point; --report writes the outputs of the finished
+    ones and runs nothing; a point another process holds is skipped,
     and is free again once that process is killed; then a --commands line runs its
     point and updates the study's outputs."""
     root, script = tiny_study["root"], str(tiny_study["script"])
@@ -231,6 +233,10 @@ def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     )
     point_id = shlex.split(commands[0])[-1].split("=", 1)[1]
     point_dir = root / "runs/study/tiny" / point_id
+    report = run_study([*args, "--report", f"--plots_dir={root / 'plots-report'}"])
+    assert report.returncode == 0 and "(3 of 6 runs finished)" in report.stdout
+    assert len(read_csv(root / "plots-report/study_tiny.csv")) == 3
+    assert not point_dir.exists()  # --report runs nothing
 
     holder = subprocess.Popen(
         [sys.executable, "-c",
