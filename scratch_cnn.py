@@ -31,7 +31,8 @@ TRAIN_IMAGES = 0  # training images to use, stratified; 0 = all 50,000
 VAL_FRACTION = 0.1  # share of the training images held out for validation
 TEST_FRACTION = 0.2  # class folders without test/: share of train/ held out to test
 IMG_SIZE = 32  # pixels: the side images are resized to; 32 = native
-BATCH_SIZE = 1024  # images per step; at most an eighth of the training images
+BATCH_SIZE = 1024  # images per step, fewer on a small set (MIN_STEPS)
+MIN_STEPS = 40  # an epoch has at least this many steps: smaller batches (not below 32)
 AUGMENT_FLIP = "alternate"  # horizontal flips: "random", "alternate" (airbench) or "none"
 AUGMENT_TRANSLATE = 0.0625  # random shifts with reflect padding, fraction of the side
 AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)

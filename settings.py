@@ -53,10 +53,11 @@ def check_data_settings(config):
 
 
 def batch_size(config, train_images, replicas=1):
-    """The batch a run uses: BATCH_SIZE, or an eighth of its training images when that
-    is smaller (a small set still gets several steps an epoch), rounded to a multiple
-    of `replicas`."""
-    size = min(config["BATCH_SIZE"], max(train_images // 8, 1))
+    """The batch a run uses: BATCH_SIZE, made smaller so that an epoch of `train_images`
+    has the config's MIN_STEPS steps (8 if it has none), though not below 32 images
+    unless that is more than an eighth of the set; a multiple of `replicas`."""
+    steps, smallest = config.get("MIN_STEPS", 8), min(32, train_images // 8)
+    size = min(config["BATCH_SIZE"], max(train_images // steps, smallest, 1))
     return max(round(size / replicas), 1) * replicas
 
 

@@ -40,8 +40,7 @@ SCRIPTS = {
 
 # Runs a script as __main__ and reports on stderr, as it exits, whether TensorFlow
 # was imported by then.
-TRACE_IMPORTS = textwrap.dedent(
-    """
+TRACE_IMPORTS = textwrap.dedent("""
     import atexit, runpy, sys
     def report():
         print("tensorflow imported:", "tensorflow" in sys.modules, file=sys.stderr)
@@ -49,8 +48,7 @@ TRACE_IMPORTS = textwrap.dedent(
     sys.argv = sys.argv[1:]
     sys.path.insert(0, sys.argv[0].rpartition("/")[0])
     runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-)
+    """)
 
 
 def run_traced(script, *args, env=None):
@@ -134,11 +132,9 @@ def test_help_lists_every_setting_with_its_default_and_comment(script, helps):
 
 
 def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
-    (tmp_path / "other.py").write_text('BATCH_SIZE = 64  # images per step\n')
+    (tmp_path / "other.py").write_text("BATCH_SIZE = 64  # images per step\n")
     script = tmp_path / "tool.py"
-    script.write_text(
-        textwrap.dedent(
-            '''\
+    script.write_text(textwrap.dedent('''\
             """Do a thing.
 
                 python tool.py --rate 0.5    # usage line
@@ -161,9 +157,7 @@ def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
             #   and here
             CONFIG = settings.config_block(globals())  # not a setting
             AFTER = 3  # not a setting either
-            '''
-        )
-    )
+            '''))
     text = settings.help_text(script)
     assert "Do a thing." in text and "# usage line" in text and "Result" not in text
     assert '--name="x"' in text and "a name" in text
@@ -181,14 +175,26 @@ def test_a_setting_added_to_a_block_is_in_the_help_with_no_other_edit(tmp_path):
 # A bad command line: one line, exit 2, TensorFlow never imported
 
 BAD_COMMAND_LINES = [
-    ("scratch_cnn.py", ["--epochz=3"], "unknown setting --epochz; did you mean --epochs?"),
+    (
+        "scratch_cnn.py",
+        ["--epochz=3"],
+        "unknown setting --epochz; did you mean --epochs?",
+    ),
     ("scratch_cnn.py", ["--epochs=three"], "--epochs takes an int (default 10)"),
     ("scratch_cnn.py", ["epochs=3"], "expected --name=value"),
     ("scratch_cnn.py", ["--epochs"], "--epochs needs a value"),
-    ("scratch_cnn.py", ["--augment_flip", "up"], "--augment_flip must be random, alternate"),
+    (
+        "scratch_cnn.py",
+        ["--augment_flip", "up"],
+        "--augment_flip must be random, alternate",
+    ),
     ("scratch_cnn.py", ["--epochs", "0"], "--epochs must be positive"),
     ("transfer_mobilenetv2.py", ["--alpha", "0.3"], "ImageNet weights exist for alpha"),
-    ("transfer_mobilenetv2.py", ["--head_epochs=0", "--fine_tune_epochs=0"], "nothing to train"),
+    (
+        "transfer_mobilenetv2.py",
+        ["--head_epochs=0", "--fine_tune_epochs=0"],
+        "nothing to train",
+    ),
     ("data.py", ["--val_fraction=1.5"], "--val_fraction must lie in (0, 1)"),
     ("evaluate.py", ["--dpi", "0"], "--dpi must be positive"),
     ("bench.py", ["--quick", "--quick_steps", "0"], "--quick_steps must be positive"),
@@ -294,9 +300,7 @@ def missing_data_runs(tmp_path_factory):
     argvs = {"quiet": [], "verbose": ["--verbose", "2"]}
     with ThreadPoolExecutor(2) as pool:
         futures = {
-            key: pool.submit(
-                run_script, "scratch_cnn.py", f"--data_dir={missing}", *argv
-            )
+            key: pool.submit(run_script, "scratch_cnn.py", f"--data_dir={missing}", *argv)
             for key, argv in argvs.items()
         }
         return {key: future.result() for key, future in futures.items()}

@@ -917,3 +917,22 @@ def test_96px_pipeline_over_50000_images_stays_small(script_runs):
     # Resizing all of it up front would take 5.5 GB; a second copy of the uint8
     # array is 150 MB.
     assert growth < 300, growth
+
+
+def test_scratch_cnn_keeps_40_steps_an_epoch_on_a_smaller_set():
+    """airbench's schedule needs hundreds of steps: with 4,500 training images a batch
+    of 1,024 gave 8 steps an epoch and the run stalled at a third of its accuracy. The
+    scratch CNN's batch shrinks for MIN_STEPS steps, not below 32 (or an eighth of a
+    tiny set); MobileNetV2 keeps its rule, an eighth of the training images."""
+    scratch = settings.read_script(REPO / "scratch_cnn.py").settings
+    scratch = {name: setting.default for name, setting in scratch.items()}
+    assert scratch["MIN_STEPS"] == 40
+    for train, batch in ((45000, 1024), (9000, 225), (4500, 112), (900, 32), (225, 28)):
+        assert settings.batch_size(scratch, train) == batch, train
+        assert train // batch >= 40 or batch in (1024, 32, 28)  # the limits
+    assert settings.batch_size(scratch, 4500, replicas=3) == 111
+    transfer = settings.read_script(REPO / "transfer_mobilenetv2.py").settings
+    transfer = {name: setting.default for name, setting in transfer.items()}
+    assert "MIN_STEPS" not in transfer
+    for train, batch in ((45000, 64), (4500, 64), (225, 28), (7, 1)):
+        assert settings.batch_size(transfer, train) == batch, train

@@ -320,9 +320,10 @@ def test_early_stopping_counts_the_epochs_before_a_resume(cifar_dir, tmp_path):
 def test_batch_is_at_most_an_eighth_of_the_images_split_evenly(
     cifar_dir, batch_size, replicas, batch
 ):
-    """270 training images: BATCH_SIZE, at most 33 (an eighth), rounded to the
-    nearest multiple of the replicas, and at least one image for each."""
+    """270 training images, MIN_STEPS 8: BATCH_SIZE, at most 33 (an eighth), rounded
+    to the nearest multiple of the replicas, and at least one image for each."""
     config = {**scratch_cnn.CONFIG, "DATA_DIR": str(cifar_dir), "BATCH_SIZE": batch_size}
+    config["MIN_STEPS"] = 8
     pipelines = data.pipelines_for(config, scratch_cnn.VALUE_RANGE, replicas)
     assert pipelines.sizes["train"] == 270
     assert pipelines.batch_size == batch

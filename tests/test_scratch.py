@@ -147,7 +147,12 @@ def test_interrupted_run_resumes_at_the_next_epoch(
     resumed = scratch_cnn.main(["--resume=last", f"--out_dir={tmp_path}", "--verbose=0"])
     assert resumed == run_dir
     shown = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert ["epochs", "=", "3", "(set)"] in shown and ["width", "=", "8", "(set)"] in shown
+    assert ["epochs", "=", "3", "(set)"] in shown and [
+        "width",
+        "=",
+        "8",
+        "(set)",
+    ] in shown
     assert [row["epoch"] for row in training.read_history(run_dir)] == [0, 1, 2]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
     with pytest.raises(settings.ConfigError, match="finished"):
@@ -213,7 +218,9 @@ def test_batches_reaching_the_model_lie_in_zero_one(second_run):
 def test_the_schedule_is_airbench_s_scaled_to_the_batch(second_run):
     """A linear rise from 0.2 of the peak over 23% of the steps, then a linear fall to
     0.07 of it; the peak is LEARNING_RATE for a batch of 1,024, scaled by the batch."""
-    schedule, steps, batch = (second_run[3][key] for key in ("schedule", "steps", "batch_size"))
+    schedule, steps, batch = (
+        second_run[3][key] for key in ("schedule", "steps", "batch_size")
+    )
     peak = scratch_cnn.LEARNING_RATE * batch / 1024
     assert schedule.total_steps == steps  # one epoch
     rates = [float(schedule(step)) for step in range(steps + 1)]
