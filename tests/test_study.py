@@ -405,6 +405,12 @@ def test_a_presets_fixed_settings_yield_to_the_command_line():
     assert "--alpha=1.0" in given["flags"] and "0.35" not in given["flags"]
     metric = study.parse_command_line(["width_and_size", "--metric=test_loss"])
     assert metric["metrics"] == ["test_loss"] and metric["config"]["EXPORT"] is True
+    # Models evaluated alike: the scratch CNN's default test is 6 views, MobileNetV2's
+    # one, so data_efficiency compares the one view every run records.
+    assert study.parse_command_line(["data_efficiency"])["metrics"] == [
+        "test_accuracy_tta_none"
+    ]
+    assert study.label("test_accuracy_tta_none") == "test accuracy, one view"
 
 
 def test_metric_may_come_from_export_json(tmp_path):
