@@ -549,7 +549,7 @@ def draw(study, runs, summary):
     title += f" (points labelled by {label(x_name)})" * two
     footer = reproduce(study)
     footer += f"; {len(runs)} runs; code {' '.join(sorted(set(runs['code'])))}"
-    figure.text(0.01, 0.985, title, fontsize=12, fontweight="bold", va="top")
+    figure.text(0.01, 0.985, title, fontsize=10.5, fontweight="bold", va="top")
     figure.text(0.01, 0.935, textwrap.fill(subtitle, 135), fontsize=8, va="top")
     figure.text(0.01, 0.01, textwrap.fill(footer, 150), fontsize=6.5, color="0.4")
     figure.subplots_adjust(left=0.1, right=0.97, top=0.84, bottom=0.16)
