@@ -8,7 +8,7 @@ DATA_DIR ?=
 DATA_FLAG := $(if $(DATA_DIR),--data_dir=$(DATA_DIR),)
 LABEL := --data_label="CIFAR-10 (JPEG copy)"
 
-.PHONY: install install-dev report results test bench clean
+.PHONY: install install-dev report results study test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ results: install $(RESULTS:%=$(R)/%.done)
 	for r in $(EXPORTED); do run=$$(ls -d $(R)/$$r/*/*/ | tail -1); \
 		$(BIN)/python export.py --run=$$run && cp $$run/export/export.md results/export_$$r.md; \
 	done
+
+# results/study_<STUDY>.*: a study's figure, table and CSV, its points in runs/study/
+# (days on a 2-core CPU; rerun to resume; points other processes finished count too).
+STUDY ?= data_efficiency
+study: install
+	$(BIN)/python study.py $(STUDY) $(DATA_FLAG) --plots_dir=results $(LABEL)
 
 test: install-dev
 	$(BIN)/python -m pytest -q
