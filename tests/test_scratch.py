@@ -147,12 +147,8 @@ def test_interrupted_run_resumes_at_the_next_epoch(
     resumed = scratch_cnn.main(["--resume=last", f"--out_dir={tmp_path}", "--verbose=0"])
     assert resumed == run_dir
     shown = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert ["epochs", "=", "3", "(set)"] in shown and [
-        "width",
-        "=",
-        "8",
-        "(set)",
-    ] in shown
+    assert ["epochs", "=", "3", "(set)"] in shown
+    assert ["width", "=", "8", "(set)"] in shown
     assert [row["epoch"] for row in training.read_history(run_dir)] == [0, 1, 2]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
     with pytest.raises(settings.ConfigError, match="finished"):
