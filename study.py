@@ -207,8 +207,8 @@ def parse_command_line(argv):
     study |= {"codes": {p: hashlib.sha256(code[p]).hexdigest()[:8] for p in scripts}}
     study |= {"fixed": fixed, "flags": " ".join(flags) or "each script's defaults"}
     argv = names + [f"--{f}={t}" for f, t in pairs if f not in STUDY_ACTIONS]
-    seeds = list(dict.fromkeys(map(int, seeds)))
-    return study | {"seeds": seeds, "budget": preset.get("budget"), "argv": argv}
+    study |= {"seeds": list(dict.fromkeys(map(int, seeds))), "argv": argv}
+    return study | {"budget": preset.get("budget"), "level": f"{config['INTERVAL']:.0%}"}
 
 
 def make_points(study):
@@ -416,9 +416,8 @@ def number(value):
 
 
 def tables(study, points):
-    """(runs, summary): a row per finished run, and per point each metric's mean, sd, n
-    and the half-width (ci) of the INTERVAL confidence interval of the mean (Student's t).
-    Columns carry settings' and metrics' names (TRAIN_IMAGES, test_accuracy)."""
+    """(runs, summary): a row per finished run; per point n and each metric's mean, sd
+    and "ci", the half-width of the INTERVAL Student-t interval of its mean."""
     import pandas as pd
     from scipy import stats
 
@@ -445,15 +444,14 @@ def tables(study, points):
     runs = pd.DataFrame(rows)
     if runs.empty:
         return runs, runs
-    groups = runs.groupby(["line", "model", *names], sort=False)
     codes = ("code", lambda codes: " ".join(sorted(set(codes))))
-    summary = groups.agg(n=("seed", "count"), code=codes, wall=("wall seconds", "mean"))
-    summary = summary.reset_index()
-    level = study["config"]["INTERVAL"]
-    t = stats.t.ppf((1 + level) / 2, summary["n"] - 1)  # n - 1 degrees of freedom
+    columns = {"n": ("seed", "count"), "code": codes, "wall": ("wall seconds", "mean")}
     for metric in study["metrics"]:
-        summary[metric] = groups[metric].mean().to_numpy()
-        summary[metric + " sd"] = groups[metric].std().to_numpy()
+        columns |= {metric: (metric, "mean"), metric + " sd": (metric, "std")}
+    groups = runs.groupby(["line", "model", *names], sort=False)
+    summary = groups.agg(**columns).reset_index()
+    t = stats.t.ppf((1 + study["config"]["INTERVAL"]) / 2, summary["n"] - 1)  # n - 1 d.f.
+    for metric in study["metrics"]:
         summary[metric + " ci"] = t * summary[metric + " sd"] / summary["n"] ** 0.5
     return runs, summary.sort_values("line", kind="stable")
 
@@ -463,7 +461,7 @@ def markdown(study, runs, summary, points):
     metrics, name = study["metrics"], study["name"]
     names = [n for n in summary if n.isupper() and n not in MODELS]  # settings' columns
     header = ["model", *map(label, names), "n"]
-    level = f"{study['config']['INTERVAL']:.0%}"
+    level = study["level"]  # INTERVAL as the outputs write it
     header += [h for m in metrics for h in (f"mean {label(m)}", "sd", f"{level} CI")]
     rows = []
     for row in summary.to_dict("records"):
@@ -475,14 +473,15 @@ def markdown(study, runs, summary, points):
     states = [state(point, study["config"]["EXPORT"]) for point in points]
     cpus = {a["cpu"] for s in states for a in s["attempts"] if a["outcome"] == "finished"}
     budget = " ".join((study["budget"].__doc__ or "").split()) if study["budget"] else "-"
-    seeds, student = ", ".join(map(str, study["seeds"])), "Student's t, n - 1 d.f."
+    seeds = ", ".join(map(str, study["seeds"]))
     stats = f"the mean over seeds {seeds}, standard deviation (sd), number of runs (n)"
+    stats += f" and the {level} confidence interval of the mean (Student's t, n - 1 d.f.)"
     unfinished = [(p, s["attempts"]) for p, s in zip(points, states) if not s["done"]]
     lines = [
         f"# Study: {name}\n\n**{study['question'] or ', '.join(map(label, metrics))}**\n",
         f"Reproduce: `{reproduce(study)}` (with --data_dir for the data)\n",
         f"- data: {'; '.join(sorted(set(runs['data'])))}",
-        f"- per point: {stats} and the {level} confidence interval of the mean ({student})",
+        f"- per point: {stats}",
         f"- settings given to every run: {study['flags']}; budget: {budget}",
         "- code: hash of the script and modules it imports; other code reruns a point",
         f"- CPU: {'; '.join(sorted(cpus)) or 'not recorded'}",
@@ -541,9 +540,9 @@ def draw(study, runs, summary):
     axes.legend(fontsize=8)
     subtitle = (
         f"Mean over seeds {', '.join(map(str, study['seeds']))}; error bars: "
-        f"{study['config']['INTERVAL']:.0%} "
-        f"confidence interval of the mean (Student's t); dots: single runs. Data: "
-        f"{'; '.join(sorted(set(runs['data'])))}. Settings: {study['flags']}."
+        f"{study['level']} confidence interval of the mean (Student's t); dots: "
+        f"single runs. Data: {'; '.join(sorted(set(runs['data'])))}. "
+        f"Settings: {study['flags']}."
     )
     title = study["question"] or f"{label(metrics[0])} against {x_label}"
     title += f" (points labelled by {label(x_name)})" * two
@@ -592,10 +591,10 @@ def main(argv):
     if config["REPORT"]:
         return report(study, points)
     todo = [point for point in chosen if not state(point, config["EXPORT"])["done"]]
-    for point in todo if config["COMMANDS"] else []:
-        argv = [sys.executable, sys.argv[0], *study["argv"], "--point=" + point["id"]]
-        print(shlex.join(argv))
     if config["COMMANDS"]:
+        for point in todo:
+            argv = [sys.executable, sys.argv[0], *study["argv"], "--point=" + point["id"]]
+            print(shlex.join(argv))
         return 0
     tables(study, [point for point in points if point not in todo][:1])  # --metric
     failed = run_study(study, chosen, todo)
