@@ -4,11 +4,9 @@ way (the whole set converted to float32 and resized up front, then `fit` on the 
     python bench.py            # full run: prints the table, writes bench.json
     python bench.py --quick    # smoke check on tiny sets: code paths, not numbers
 
-Each model as its script compiles it (MobileNetV2 from random weights), on random data,
-each case in a process of its own stopped past the memory limit: 1. the pipeline alone,
-2. training on one batch from memory, 3. through the pipeline, 4. peak memory on a
-full-size set, 5. the naive way, 6. float32 against mixed precision, XLA on and off.
-README, Performance, has the table of a full run.
+The table's steps, each case on random data in a process of its own: 1. the pipeline
+alone, 2. compute only, 3. end to end, 4. peak memory, 5. the naive way, 6. mixed
+precision and XLA. What they show: README, Speed.
 """
 
 import settings
@@ -145,14 +143,12 @@ def summary(rounds, batch_size):
 
 
 def training_case(kind, model, config):
-    """streaming (ours): the full-size uint8 set in memory; the pipeline alone, then
-    training through it (end to end; first: its step is traced for any batch size) and
-    on one batch from memory (compute). precision: that batch, a model each in float32,
-    mixed precision (bfloat16 on a CPU) and XLA (the CNN; every model on a GPU). Round 0
-    traces, untimed; later rounds alternate their order: a drift in load favours none."""
-    run, batch_size = sizes(config), sizes(config)["batch_size"][model]
+    """Our way, the uint8 set in memory. streaming: the pipeline alone, then training end
+    to end and on one batch from memory (compute); precision: that batch, a model each
+    in float32, mixed precision and XLA."""
+    run, built = sizes(config), model_config(model, config)  # its own augmentation
     images, labels = random_cifar(run["images"], config["SEED"])
-    built = model_config(model, config)  # its own augmentation, flips, size and range
+    batch_size = built["BATCH_SIZE"]
     pipeline = data.make_dataset(
         images, labels, batch_size=batch_size, image_size=built["IMG_SIZE"],
         value_range=MODELS[model].VALUE_RANGE, augmenter=data.augmenter_for(built),
@@ -163,7 +159,7 @@ def training_case(kind, model, config):
         warmup, batches = run["warmup_steps"], run["pipeline_batches"]
         ends = [time.perf_counter() for _ in zip(range(warmup + batches), pipeline)]
         facts = {"pipeline": summary([np.diff(ends[warmup - 1 :])], batch_size)}
-        network = build(model, config, images)
+        network = build(model, config, images)  # end to end first: its trace fits both
         runs = {"end_to_end": (network, pipeline), "compute": (network, fixed)}
         trainable = training.count_trainable(network)
         facts.update(params=network.count_params(), trainable_params=trainable)
@@ -177,6 +173,7 @@ def training_case(kind, model, config):
             runs[name] = (build(model, config, images, JIT_COMPILE=name == "xla"), fixed)
         keras.mixed_precision.set_global_policy("float32")
         facts = {"mixed_policy": policy}
+    # Round 0 traces, untimed; later rounds alternate their order: a drift favours none.
     seconds, warmup = {name: [] for name in runs}, run["warmup_steps"]
     for round_index in range(run["rounds"] + 1):
         for name in list(runs)[:: -1 if round_index % 2 else 1]:
@@ -241,13 +238,13 @@ def proc_bytes(file, field):
 
 
 def run_child(case, config, started):
-    """Parent side: `case` run in a fresh process, its output to a file (a full pipe
-    would block it); stopped past MEMORY_LIMIT_GB (0: 90% of the memory free at start)."""
+    """Parent side: `case` in a fresh process, stopped past MEMORY_LIMIT_GB (0: 90% of
+    the memory free at start)."""
     flags = [f"--{n.lower()}={v!r}" for n, v in config.items() if v != CONFIG[n]]
     free = proc_bytes("meminfo", "MemAvailable") or float("inf")  # off Linux: unknown
     limit = config["MEMORY_LIMIT_GB"] * GB or 0.9 * free
     start, peak, over_limit = time.perf_counter(), 0, False
-    with tempfile.TemporaryFile() as output:
+    with tempfile.TemporaryFile() as output:  # not a pipe: a full one blocks the child
         command = [sys.executable, __file__, *flags, f"--case={case}"]
         started.append(process := subprocess.Popen(command, stdout=output, stderr=output))
         while process.poll() is None and not over_limit:
@@ -292,25 +289,23 @@ def run_children(cases, config, at_once):
 
 
 def judge(value, target, at_least, quick, lower_bound=False):
-    """met/open for a row with a target; '' without one or under --quick. A lower
-    bound (a case stopped at the memory limit) decides only one way."""
+    """met/open for a row with a target; '' without one or under --quick."""
     if target is None or quick:
         return ""
     if value is None:
         return "open (not measured)"
     met = value >= target if at_least else value <= target
-    if lower_bound and met != at_least:
+    if lower_bound and met != at_least:  # a case stopped at the limit: one way only
         return "open (undecided: a lower bound)"
     return "met" if met else "open"
 
 
 def rate(result, key, over=None):
-    """A case's images/s for `key`, over `over`'s if given; None for a case stopped at
-    the memory limit (the naive way's then comes from its smaller set, if that ran)."""
+    """A case's images/s for `key`, over `over`'s if given; None if not measured."""
     if over is not None:
         numerator, denominator = rate(result, key), rate(*over)
         return numerator and denominator and numerator / denominator
-    result = result if key in result else result.get("fallback", {})
+    result = result if key in result else result.get("fallback", {})  # smaller set
     return result[key]["images_per_second"] if key in result else None
 
 
@@ -322,8 +317,7 @@ def format_value(value, unit):
 
 
 def make_rows(config, run, cases):
-    """The table's rows, in the docstring's steps 1-6; a case stopped at the memory limit
-    has no rates, and its peak memory is a lower bound."""
+    """The table's rows, in the module docstring's steps 1-6."""
     rows, images, quick = [], run["images"], config["QUICK"]
 
     def row(step, name, measure, of, value, unit, lower_bound=False, **facts):
@@ -397,8 +391,8 @@ def check_config(config):
     settings.require(config["QUICK_CASES_AT_ONCE"] > 0, "--quick_cases_at_once: >= 1")
     # The naive way's one fit passes over its arrays at most once.
     steps = 2 * config[quick + "WARMUP_STEPS"] + config[quick + "ROUNDS"]
-    batches = ("SCRATCH_BATCH_SIZE", "TRANSFER_BATCH_SIZE", "QUICK_BATCH_SIZE")
-    for name in batches[2:] if quick else batches[:2]:
+    own = ["SCRATCH_BATCH_SIZE", "TRANSFER_BATCH_SIZE"]
+    for name in ["QUICK_BATCH_SIZE"] if quick else own:
         settings.require(
             0 < config[name] * steps <= config[quick + "IMAGES"],
             f"--{name.lower()}: must be positive, {steps} steps of it at most the images",
