@@ -117,8 +117,7 @@ def find_runs(out_dir, chosen):
 
 
 def read_columns(run_dirs):
-    """What training left in each run folder (config.json, metrics.json, history.csv),
-    a column per kind and settings: seeds share one, told apart by their first run."""
+    """The runs as training left them, a column per kind and settings: seeds share one."""
     groups = {}
     for run_dir in run_dirs:
         saved = settings.read_json(run_dir / "config.json")
@@ -254,12 +253,12 @@ def evaluate_run(column, run, test, config):
     chosen = trained.get("TRAIN_IMAGES", 0)  # 0 = all, less the validation share
     images = chosen if 0 < chosen < test.available else test.available
     images -= int(np.ceil(images * trained.get("VAL_FRACTION", 0)))  # as sklearn rounds
-    recorded = ["test_accuracy", "test_loss", "train_seconds", "images_per_second"]
+    copied = ["test_accuracy", "test_loss", "train_seconds", "images_per_second"]
     return {
         "model": column["name"], "run": settings.shown(run["dir"]),
         "seed": trained.get("SEED"), "tta": tta,
         **{f"test_accuracy_{key}": value for key, value in accuracy.items()},
-        **{key: metrics.get(key) for key in recorded},
+        **{key: metrics.get(key) for key in copied},
         "test_cross_entropy": evaluation["cross_entropy"],
         "best_val_accuracy": history["val_accuracy"].max(),
         **history.iloc[-1][["loss", "val_loss"]].add_prefix("final_"),
@@ -420,7 +419,7 @@ def plot_calibration(columns):
     return figure
 
 
-def comparison_markdown(table, columns, level):
+def comparison_markdown(table, level):
     """The report's table, measured: a column per model, each figure the mean of its
     runs; for shares, ± the Student-t interval at `level`, n and each seed's value."""
 
@@ -436,13 +435,12 @@ def comparison_markdown(table, columns, level):
         spread = f" ± {half:.2%} (n={n}: {each})" if n > 1 else ""
         return f"{values.mean():.2%}{spread}"
 
-    groups = table.groupby("model", sort=False)
+    groups = table.groupby("model", sort=False)  # the models in the table's order
     rows = [
-        [ROW_NAMES.get(key, key.replace("_", " "))]
-        + [cell(groups.get_group(c["name"])[key], key) for c in columns]
+        [ROW_NAMES.get(key, key.replace("_", " ")), *groups[key].agg(cell, key)]
         for key in table.columns.drop(["model", "run", "seed"])
     ]
-    return settings.markdown_table(["", *(column["name"] for column in columns)], rows)
+    return settings.markdown_table(["", *table["model"].unique()], rows)
 
 
 def report_markdown(columns, table, pairs, hints, test, config, argv):
@@ -468,25 +466,25 @@ def report_markdown(columns, table, pairs, hints, test, config, argv):
         "and validation loss 0.67 and 0.79; MobileNetV2 over 95%, 0.20 and 0.25. Its "
         "last row, suitability for small data, needs runs with a small `--train_images`."
     )
+    runs = [(column["name"], run) for column in columns for run in column["runs"]]
     exported = [
-        f"### {c['name']} ({settings.shown(run['dir'])})\n\n" + settings.without_paths(
+        f"### {name} ({settings.shown(run['dir'])})\n\n" + settings.without_paths(
             (run["dir"] / "export" / "export.md").read_text().partition("\n")[2].strip(),
             run["dir"].resolve(), run["dir"])
-        for c in columns for run in c["runs"]
-        if (run["dir"] / "export" / "export.md").is_file()
+        for name, run in runs if (run["dir"] / "export" / "export.md").is_file()
     ]  # fmt: skip
     if exported:
         exported.insert(0, "## Deployment: TensorFlow Lite\n\nFrom `python export.py`.")
     command = shlex.join(["python", "evaluate.py", *map(settings.without_paths, argv)])
     label = f" of {config['DATA_LABEL']}" if config["DATA_LABEL"] else ""
     source = settings.without_paths(test.source)
-    runs = [
+    frame = pd.DataFrame([
         {**{f"`{k.lower()}`": repr(v) for k, v in run["config"].items()},
          **{k.replace("_", " "): run["saved"].get(k, "") for k in SAVED},
-         "run folder": settings.shown(run["dir"]), "model": column["name"]}
-        for column in columns for run in column["runs"]
-    ]  # fmt: skip
-    frame = pd.DataFrame(runs)  # settings first, then what else config.json holds
+         "run folder": settings.shown(run["dir"]), "model": name}
+        for name, run in runs
+    ])  # fmt: skip
+    # The settings first, then what else config.json holds.
     frame = frame[sorted(frame, key=lambda name: not name.startswith("`"))]
     cells = frame.fillna("").map(settings.without_paths).groupby("model", sort=False)
     cells = cells.agg(lambda values: ", ".join(dict.fromkeys(values)))  # seeds' values
@@ -500,7 +498,7 @@ def report_markdown(columns, table, pairs, hints, test, config, argv):
         ),
         *[f"> **Missing:** {settings.without_paths(hint)}" for hint in hints],
         "## The comparison",
-        comparison_markdown(table, columns, config["INTERVAL"]),
+        comparison_markdown(table, config["INTERVAL"]),
         notes,
         "Tables: " + ", ".join(f"[{name}]({name})" for name in tables) + ".",
         *exported,
@@ -546,16 +544,16 @@ def main(argv):
     mistakes = (test.images, test.labels, config["MISCLASSIFIED_IMAGES"])
     files = {
         "comparison.csv": table.to_csv(index=False),
-        "comparison.md": comparison_markdown(table, columns, config["INTERVAL"]),
+        "comparison.md": comparison_markdown(table, config["INTERVAL"]),
         "curves_comparison.png": plot_curves(columns),
         "per_class_accuracy.png": plot_per_class_accuracy(columns),
         "test_predictions.png": plot_test_predictions(columns, *picks),
         "calibration.png": plot_calibration(columns),
     }
     names, pairs = test.class_names, []
+    index = pd.Index(names, name="true \\ predicted")  # confusion rows
     for column in columns:
         slug, confusion = column["slug"], column["confusion"]
-        index = pd.Index(names, name="true \\ predicted")  # confusion rows
         files[f"confusion_{slug}.csv"] = pd.DataFrame(confusion, index, names).to_csv()
         files[f"classification_report_{slug}.txt"] = column["report"]
         files[f"confusion_{slug}.png"] = plot_confusion(column)
