@@ -424,9 +424,10 @@ def tables(study, points):
     rows, x_name = [], next(iter(study["sweeps"]))
     names = [*study["sweeps"], *{n: 0 for point in points for n in point["extra"]}]
     others = [name for name in list(study["sweeps"])[1:] if name not in MODELS]
-    for point, found in ((point, state(point)) for point in points):
-        if not (run := found["run"]):
+    for point in points:  # finished, and exported where the study exports
+        if not (found := state(point, study["config"]["EXPORT"]))["done"]:
             continue
+        run = found["run"]
         metrics, saved = read_metrics(run), settings.read_json(run / "config.json")
         missing = ",".join(metric for metric in study["metrics"] if metric not in metrics)
         numbers = f"numbers there: {', '.join(metrics)}; --export adds int8_*"

@@ -210,6 +210,25 @@ def test_rerun_of_a_finished_study_runs_nothing(tiny_study):
     assert {point: attempts(point) for point in point_dirs(root)} == before
 
 
+def test_report_of_an_exporting_study_skips_runs_not_exported_yet(tiny_study, tmp_path):
+    """With --export a point is done once export.py has measured it: a report written
+    while another point trains or exports shows the exported runs and fails on none."""
+    shutil.copytree(tiny_study["root"] / "runs", tmp_path / "runs")
+    exported = runs_in(point_dirs(tmp_path)[0])[0] / "export"
+    exported.mkdir()
+    (exported / "export.json").write_text('{"int8_ms_one_thread": 1.5}')
+    args = [
+        a for a in tiny_study["command"] if not a.startswith(("--out_dir", "--plots"))
+    ]
+    args += [f"--out_dir={tmp_path / 'runs'}", f"--plots_dir={tmp_path / 'plots'}"]
+    metric = "--metric=test_accuracy,int8_ms_one_thread"
+    result = run_study([*args, "--export", metric, "--report"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(1 of 3 runs finished)" in result.stdout
+    rows = read_csv(tmp_path / "plots" / "study_tiny.csv")
+    assert [row["int8 ms per image (1 thread)"] for row in rows] == ["1.5"]
+
+
 def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     """A wider sweep adds points; --dry_run lists them with an estimate; --commands
     prints one line per unfinished point; --report writes the outputs of the finished
