@@ -539,14 +539,13 @@ def draw(study, runs, summary):
     axes.set(ylabel=label(metrics[0]), xlabel=x_label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    subtitle = (
+    subtitle = f"Points labelled by {label(x_name)}. " * two + (
         f"Mean over seeds {', '.join(map(str, study['seeds']))}; error bars: "
         f"{study['level']} confidence interval of the mean (Student's t); dots: "
         f"single runs. Data: {'; '.join(sorted(set(runs['data'])))}. "
         f"Settings: {study['flags']}."
     )
     title = study["question"] or f"{label(metrics[0])} against {x_label}"
-    title += f" (points labelled by {label(x_name)})" * two
     footer = reproduce(study)
     footer += f"; {len(runs)} runs; code {' '.join(sorted(set(runs['code'])))}"
     figure.text(0.01, 0.985, title, fontsize=10.5, fontweight="bold", va="top")
