@@ -91,8 +91,7 @@ def keras_home():
 
 
 def find_source(path):
-    """The batches folder or archive that `path` holds or is, else None. A folder with
-    only some of the batch files still counts, so the error names the rest."""
+    """The batches folder (even a partial one) or archive at `path`, else None."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
@@ -137,8 +136,7 @@ def load_cifar10(data_dir=""):
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Batch files are pickles: this refuses every global but the few numpy needs to
-    rebuild an array, so a crafted batch file cannot run code."""
+    """Refuses every global but the few numpy needs: a crafted batch cannot run code."""
 
     ALLOWED = frozenset({  # numpy 1's numpy.core.* is numpy 2's numpy._core.*
         ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
@@ -155,8 +153,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def parse_batch(raw, name):
-    """One batch file's bytes -> (images uint8 (N, 32, 32, 3), labels int32 (N,)),
-    checked; a bad file is a DataError naming it and what is wrong."""
+    """A batch file's bytes, checked -> images uint8 (N, 32, 32, 3), labels int32 (N,)."""
 
     def bad(problem):
         return settings.DataError(f"{name}: {problem}")
@@ -166,9 +163,8 @@ def parse_batch(raw, name):
     except settings.DataError as error:
         raise bad(f"not a CIFAR-10 batch file ({error})") from None
     except Exception as error:  # truncated or corrupt: EOFError, UnpicklingError, ...
-        detail = (
-            error if isinstance(error, pickle.UnpicklingError) else type(error).__name__
-        )
+        unpickling = isinstance(error, pickle.UnpicklingError)
+        detail = error if unpickling else type(error).__name__
         raise bad(f"truncated or corrupt ({detail}); download it again") from None
     if not isinstance(batch, dict):
         raise bad(f"expected a dict, found {type(batch).__name__}")
@@ -201,11 +197,10 @@ def read_cifar10(source):
                 needs = f"{', '.join(TRAIN_BATCHES)} and {TEST_BATCH}"
                 raise settings.DataError(f"{path}: missing; the folder needs {needs}")
             try:
-                raw = path.read_bytes()
+                batches.append(parse_batch(path.read_bytes(), str(path)))
             except OSError as error:
                 problem = f"unreadable ({error.strerror})"
                 raise settings.DataError(f"{path}: {problem}") from None
-            batches.append(parse_batch(raw, str(path)))
     else:
         try:
             with tarfile.open(source, "r:gz") as archive:
@@ -228,9 +223,8 @@ def read_cifar10(source):
 # ---------------------------------------------------------------------------------
 # Class folders: one's own images, FOLDER/train/<class>/<images> (Keras's layout)
 
-# A class-folder dataset, listed and checked, nothing decoded yet: paths (str) sorted by
-# class, then name; int32 labels indexing class_names (train/'s sub-folders, sorted);
-# source: the folder and where its test set came from.
+# Listed and checked, not decoded: paths (str) sorted by class then name, int32 labels
+# indexing class_names (train/'s sub-folders, sorted), source (folder, test set origin).
 ClassFolders = namedtuple(
     "ClassFolders", "train_files train_labels test_files test_labels class_names source"
 )
@@ -269,8 +263,7 @@ def image_files(folder):
 
 
 def list_split(split_dir, names, class_names):
-    """(files, labels) of the class folders `names` of one split, labelled by their index
-    in `class_names` (the training classes); an empty class folder is an error."""
+    """(files, labels) of a split's class folders `names`, labels index `class_names`."""
     files, labels = [], []
     for name in names:
         found = list(image_files(split_dir / name))
@@ -285,9 +278,9 @@ def list_split(split_dir, names, class_names):
 
 
 def list_class_folders(root, test_fraction):
-    """The images of a class-folder dataset, listed and checked: classes are the
-    sub-folders of train/, sorted; the test set is test/, val/ or validation/ (the
-    first there), else a stratified `test_fraction` of train/."""
+    """A class-folder dataset, listed and checked: classes are train/'s sub-folders; the
+    test set is test/, val/ or validation/ (the first there), else a stratified
+    `test_fraction` of train/."""
     root = Path(root).expanduser()
     train_dir = root / "train"
     class_names = tuple(folder.name for folder in visible_folders(train_dir))
@@ -342,10 +335,9 @@ def list_class_folders(root, test_fraction):
 
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
-    """uint8 (N, S, S, 3) of `files` at S = `image_size`: RGB (grayscale spread, alpha
-    dropped, a GIF's first frame), squeezed square as Keras's image_dataset_from_directory
-    does. Resized a chunk at a time into one array, so memory grows with the images at S,
-    never with the photos' size. A file that does not decode is a DataError naming it."""
+    """uint8 (N, S, S, 3) RGB of `files` at S = `image_size`, squeezed square as Keras's
+    image_dataset_from_directory does, a chunk at a time into one array: memory grows with
+    the images at S, never with the photos' size. A bad file is a DataError naming it."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):
@@ -409,16 +401,13 @@ def split(images, labels, val_fraction, seed, train_images=0):
 
 
 def load_data(config, image_size):
-    """(x_train, y_train, x_val, y_val, x_test, y_test, class names, source) of DATA_DIR
-    (class folders at `image_size`): a TRAIN_IMAGES subset split by VAL_FRACTION and SEED.
-    Of class folders only the images used are decoded, after every check."""
-    data_dir = config["DATA_DIR"]
-    root = class_folders_root(data_dir)
+    """(x_train, y_train, x_val, y_val, x_test, y_test, class names, source) of DATA_DIR;
+    class folders decoded at `image_size`, only the images used, after every check."""
+    root = class_folders_root(config["DATA_DIR"])
     split_settings = config["VAL_FRACTION"], config["SEED"], config["TRAIN_IMAGES"]
     if root is None:
-        images, labels, test_images, test_labels, source = load_cifar10(data_dir)
-        splits = split(images, labels, *split_settings)
-        return (*splits, test_images, test_labels, CLASS_NAMES, source)
+        images, labels, *test, source = load_cifar10(config["DATA_DIR"])
+        return (*split(images, labels, *split_settings), *test, CLASS_NAMES, source)
     folders = list_class_folders(root, config.get("TEST_FRACTION", TEST_FRACTION))
     train_files, y_train, val_files, y_val = split(
         folders.train_files, folders.train_labels, *split_settings
@@ -433,10 +422,8 @@ def load_data(config, image_size):
         f"decoded {count:,} images from {root} at {image_size}x{image_size} px "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    return (
-        x_train, y_train, x_val, y_val, x_test, folders.test_labels, folders.class_names,
-        folders.source,
-    )  # fmt: skip
+    splits = x_train, y_train, x_val, y_val, x_test, folders.test_labels
+    return (*splits, folders.class_names, folders.source)
 
 
 def load_test_data(data_dir, image_size, test_fraction=TEST_FRACTION):
@@ -592,7 +579,7 @@ def pipelines_for(config, value_range, replicas=1):
 
 
 def save_figures(images, labels, config, class_names, title):
-    """plots/samples.png as stored, plots/augmented.png as a pipeline gives them."""
+    """Write plots/samples.png as stored, plots/augmented.png as a pipeline gives it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
@@ -615,7 +602,7 @@ def save_figures(images, labels, config, class_names, title):
         figure.tight_layout()
         figure.savefig(plots_dir / name, dpi=100)
         plt.close(figure)
-        return plots_dir / name
+        print(f"wrote {plots_dir / name}")
 
     augmented, onehot = next(iter(make_dataset(
         images, labels, batch_size=len(labels), image_size=config["FIGURE_SIZE"],
@@ -625,10 +612,8 @@ def save_figures(images, labels, config, class_names, title):
     side, size = images.shape[1], config["FIGURE_SIZE"]
     samples = f"{title}: random training images ({side}x{side})"
     resized = f"The same images augmented and resized to {size}x{size}"
-    return [
-        draw("samples.png", images, labels, samples),
-        draw("augmented.png", augmented.numpy(), onehot.numpy().argmax(1), resized),
-    ]
+    draw("samples.png", images, labels, samples)
+    draw("augmented.png", augmented.numpy(), onehot.numpy().argmax(1), resized)
 
 
 def main(argv):
@@ -651,8 +636,7 @@ def main(argv):
     rng = np.random.default_rng(config["SEED"])
     pick = np.sort(rng.choice(len(y_train), count, replace=False))
     title = "CIFAR-10" if root is None else root.resolve().name
-    for path in save_figures(x_train[pick], y_train[pick], config, class_names, title):
-        print(f"wrote {path}")
+    save_figures(x_train[pick], y_train[pick], config, class_names, title)
 
 
 if __name__ == "__main__":
