@@ -27,13 +27,11 @@ HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
 TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
 
 # ---------------------------------------------------------------------------------
-# Set-up: configuration, run folders (OUT_DIR/<script>/<timestamp>/, never reused,
-# resumable), seeds, devices and precision
+# Set-up: configuration, run folders and resume, seeds, devices and precision
 
 
 def configure(defaults, argv, verbose=True):
-    """A script's effective configuration: its config block with `argv` applied,
-    printed a setting a line (the overridden ones marked) when `verbose`."""
+    """A script's effective configuration, `defaults` with `argv` applied."""
     config = settings.parse_overrides(defaults, argv)
     if verbose:
         settings.print_config(config, defaults)
@@ -69,9 +67,8 @@ def configure_run(defaults, argv, script):
         return config, None
     if resume == "last":
         unfinished = settings.list_runs(out_dir, script, finished=False)
-        settings.require(
-            unfinished, f"--resume=last: no unfinished run in {Path(out_dir) / script}"
-        )
+        runs = Path(out_dir) / script
+        settings.require(unfinished, f"--resume=last: no unfinished run in {runs}")
         run_dir = unfinished[-1]
     else:
         run_dir = Path(resume)
@@ -103,9 +100,8 @@ def configure_run(defaults, argv, script):
 
 
 def check_resumable(run_dir, script):
-    """Raise DataError (exit 3) naming the first file of `run_dir` that a resume of
-    `script` could not safely go on from: a run of another script, a damaged
-    config.json, a truncated model.keras, a damaged backup or one of NaN weights."""
+    """Raise DataError (exit 3) naming the first file of `run_dir` a resume of `script`
+    could not safely go on from: another script's, damaged, truncated or holding NaN."""
     cannot = "this run cannot be resumed; start a new one"
     path = run_dir / "config.json"
     try:
@@ -139,17 +135,16 @@ def check_resumable(run_dir, script):
     for path in sorted((run_dir / "backup").glob("*/latest.weights.h5")):
         try:
             with h5py.File(path, "r") as file:
-                names = []
-                file.visit(names.append)  # every group and array, by path
-                items = [file[name] for name in names]
-                arrays = [
-                    item[()]
+                items = []  # every group and array in the file
+                file.visititems(lambda name, item: items.append(item))
+                finite = all(
+                    np.isfinite(item[()]).all()
                     for item in items
                     if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
-                ]
+                )
         except (OSError, ValueError, KeyError):
             raise settings.DataError(f"{path}: damaged or truncated; {cannot}") from None
-        if not all(np.isfinite(array).all() for array in arrays):
+        if not finite:
             raise settings.DataError(
                 f"{path}: holds NaN or inf weights (the run diverged); resuming would "
                 f"train on from them. Start a new run with a lower learning rate"
@@ -160,17 +155,10 @@ def save_run_config(run_dir, script, config, data_source, **extra):
     """config.json: the effective configuration, the data, library versions, devices,
     and `extra` facts evaluate.py needs (e.g. the input range the model expects)."""
     versions = {module.__name__: module.__version__ for module in (tf, keras, np)}
-    settings.write_json(
-        run_dir / "config.json",
-        {
-            "script": script,
-            "config": config,
-            "data_source": data_source,
-            **extra,
-            "versions": {"python": platform.python_version(), **versions},
-            "devices": [device.name for device in tf.config.list_logical_devices()],
-        },
-    )
+    run = {"script": script, "config": config, "data_source": data_source, **extra}
+    run["versions"] = {"python": platform.python_version(), **versions}
+    run["devices"] = [device.name for device in tf.config.list_logical_devices()]
+    settings.write_json(run_dir / "config.json", run)
 
 
 def seed_everything(seed):
@@ -250,9 +238,8 @@ def distribution_strategy():
 
 
 def precision_policy(mixed_precision, replicas, gpus, cpu_flags=()):
-    """The Keras dtype policy for MIXED_PRECISION ("off", "on" or "auto"): "on" is
-    mixed_float16 on one GPU, else mixed_bfloat16; "auto" is "on" on GPUs and AMX CPUs
-    (amx_bf16). Several replicas take bfloat16, which needs no loss scaling: Keras
+    """The Keras dtype policy for MIXED_PRECISION ("off", "on", or "auto": "on" on GPUs
+    and AMX CPUs). Several replicas take bfloat16, which needs no loss scaling: Keras
     3.15.1's LossScaleOptimizer judges an overflow from the first replica alone."""
     if mixed_precision == "off" or (
         mixed_precision == "auto" and not gpus and "amx_bf16" not in cpu_flags
@@ -412,9 +399,8 @@ class Backup(keras.callbacks.BackupAndRestore):
         partial = weights.with_name("partial.weights.h5")
         self.model.save_weights(str(partial), overwrite=True)
         partial.replace(weights)
-        settings.write_json(
-            self._training_metadata_path, {"epoch": epoch + 1, "batch": 0}
-        )
+        metadata = {"epoch": epoch + 1, "batch": 0}  # as Keras writes it
+        settings.write_json(self._training_metadata_path, metadata)
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
@@ -448,12 +434,8 @@ class History(keras.callbacks.CSVLogger):
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self.epoch_start
         train_seconds = (self.validation_start - self.epoch_start) or seconds
-        logs = {
-            **(logs or {}),
-            "phase": self.phase,
-            "epoch_seconds": round(seconds, 3),
-            "images_per_second": round(self.images_per_epoch / train_seconds, 1),
-        }
+        logs = {**(logs or {}), "phase": self.phase, "epoch_seconds": round(seconds, 3)}
+        logs["images_per_second"] = round(self.images_per_epoch / train_seconds, 1)
         super().on_epoch_end(epoch, logs)
 
 
@@ -482,9 +464,7 @@ def fit(
     run_dir = Path(run_dir)
     backup_dir = run_dir / "backup" / phase
     metadata = backup_dir / "training_metadata.json"
-    start = (
-        json.loads(metadata.read_text())["epoch"] if metadata.is_file() else initial_epoch
-    )
+    start = settings.read_json(metadata)["epoch"] if metadata.is_file() else initial_epoch
     history = history_frame(run_dir)
     # model.keras may come from a row about to be dropped (it is written before the
     # row): a later epoch must beat that row too.
