@@ -1,10 +1,10 @@
 """What every script shares before TensorFlow loads, in the standard library only: the
 config block and its --name=value overrides, --help, one-line errors and exit codes, a
 quiet TensorFlow start-up, atomic files, Markdown tables and finding run folders. A
-script's first lines call `settings.check_command_line(__name__, __file__)`.
-"""
+script's first lines call `settings.check_command_line(__name__, __file__)`."""
 
 import ast
+import contextlib
 import difflib
 import io
 import json
@@ -71,24 +71,17 @@ def cli(main, interrupted_hint="interrupted"):
     """Run `main(argv)` as a command, exiting with its return value if that is an int:
     an expected failure is one line on stderr and the documented exit code, never a
     traceback; SIGTERM stops as Ctrl-C does; a closed pipe (`... | head`) is no error."""
-    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         code = main(sys.argv[1:])
         sys.exit(code if isinstance(code, int) else 0)
-    except ConfigError as error:
-        fail(error, EXIT_CONFIG)
-    except DataError as error:
-        fail(error, EXIT_DATA)
+    except (ConfigError, DataError) as error:
+        fail(error, EXIT_CONFIG if isinstance(error, ConfigError) else EXIT_DATA)
     except (Interrupted, KeyboardInterrupt) as error:
         print(f"{Path(sys.argv[0]).name}: {error or interrupted_hint}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def stop_as_ctrl_c(signum, frame):
-    """SIGTERM handler: `kill`, a scheduler's or `timeout`'s stop acts as Ctrl-C."""
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------
@@ -107,20 +100,16 @@ def split_arguments(argv, booleans=()):
     pairs, rest = [], list(argv)
     while rest:
         arg = rest.pop(0)
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(
-                f"expected --name=value, --name value or --flag, got {arg!r}"
-            )
+        expected = f"expected --name=value, --name value or --flag, got {arg!r}"
+        require(arg.startswith("--") and arg != "--", expected)
         flag, has_value, text = arg[2:].partition("=")
         flag = flag.replace("-", "_").lower()
         following = rest[0] if rest else "--"  # "--": nothing follows
         if not has_value and flag in booleans:
             text = rest.pop(0) if following.lower() in ("true", "false") else "True"
         elif not has_value:
-            if following.startswith("--"):
-                raise ConfigError(
-                    f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE"
-                )
+            needs = f"--{flag} needs a value: --{flag}=VALUE or --{flag} VALUE"
+            require(not following.startswith("--"), needs)
             text = rest.pop(0)
         pairs.append((flag, text))
     return pairs
@@ -128,8 +117,7 @@ def split_arguments(argv, booleans=()):
 
 def unknown_setting(flag, names, where=""):
     """The ConfigError for an unknown --flag: the closest valid names, if any."""
-    valid = [name.lower() for name in names]
-    close = difflib.get_close_matches(flag, valid, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(flag, [name.lower() for name in names])
     hint = f"did you mean --{', --'.join(close)}?" if close else "see --help"
     return ConfigError(f"unknown setting --{flag}{where}; {hint}")
 
@@ -158,12 +146,10 @@ def parse_value(flag, text, default):
         return text.lower() == "true"
     if expected is float and type(value) is int:
         return float(value)
-    if type(value) is not expected:
-        article = "an" if expected.__name__[0] in "aeiou" else "a"
-        raise ConfigError(
-            f"--{flag} takes {article} {expected.__name__} (default {default!r}), "
-            f"got {text!r}"
-        )
+    name = expected.__name__
+    article = "an" if name[0] in "aeiou" else "a"
+    wrong = f"--{flag} takes {article} {name} (default {default!r}), got {text!r}"
+    require(type(value) is expected, wrong)
     return value
 
 
@@ -251,14 +237,13 @@ def help_text(path, usage="[--name=value | --name value | --flag] ..."):
         seen_usage = seen_usage or indented
         lines.append(line)
     lines += ["", f"settings (the config block of {program}; a bare --flag sets True):"]
-    flags = {
-        name: f"--{name.lower()}="
+    flags = [
+        f"--{name.lower()}="
         + (f'"{s.default}"' if isinstance(s.default, str) else repr(s.default))
         for name, s in script.settings.items()
-    }
-    width = min(max(map(len, flags.values()), default=0), 36)
-    for name, setting in script.settings.items():
-        flag = flags[name]
+    ]
+    width = min(max(map(len, flags), default=0), 36)
+    for flag, setting in zip(flags, script.settings.values()):
         if len(flag) > width:
             lines.append(f"  {flag}")
             flag = ""
@@ -309,9 +294,8 @@ CUDA_INIT_FAILED = b"failed call to cuInit"
 
 
 def forward_messages(source, sink, drop=()):
-    """Copy the lines of `source` to `sink` (binary files) less absl's INFO lines and its
-    notice about them, a failed CUDA start with no CUDA driver, and any line with `drop`.
-    """
+    """Copy `source`'s lines to `sink` (binary files) less absl's INFO lines and its
+    notice about them, a failed CUDA start with no CUDA driver, and lines with `drop`."""
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
@@ -345,7 +329,6 @@ def import_tensorflow_quietly(show_everything=False):
 def quietly(work, drop=()):
     """Run `work()` with file descriptor 2 passed through forward_messages(drop=drop)."""
     sys.stderr.flush()
-    read_end, write_end = os.pipe()
     program = (
         "import sys; sys.path.insert(0, sys.argv[1]); import settings; settings."
         "forward_messages(sys.stdin.buffer, sys.stderr.buffer, "
@@ -353,21 +336,18 @@ def quietly(work, drop=()):
     )
     folder = str(Path(__file__).resolve().parent)
     command = [sys.executable, "-S", "-c", program, folder, *map(bytes.decode, drop)]
-    forwarder = subprocess.Popen(command, stdin=read_end)
-    os.close(read_end)
+    forwarder = subprocess.Popen(command, stdin=subprocess.PIPE)
     saved = os.dup(2)
-    os.dup2(write_end, 2)
-    os.close(write_end)
+    os.dup2(forwarder.stdin.fileno(), 2)
+    forwarder.stdin.close()  # descriptor 2 is now the pipe's only write end
     try:
         return work()
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a child holds the pipe
             forwarder.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # a copy of the pipe is still open
-            pass
 
 
 # ---------------------------------------------------------------------------------
@@ -442,14 +422,10 @@ def without_paths(text, *known):
 def list_runs(out_dir, script, finished):
     """Run folders of `script` (with metrics.json if `finished`), oldest first by name, a
     timestamp: a folder's modification time changes when a later tool writes into it."""
-    parent = Path(out_dir) / script
-    runs = sorted(parent.iterdir(), key=lambda path: path.name) if parent.is_dir() else []
-    return [
-        path
-        for path in runs
-        if (path / "config.json").is_file()
-        and (path / "metrics.json").is_file() == finished
-    ]
+    configs = (Path(out_dir) / script).glob("*/config.json")
+    runs = [path.parent for path in configs if path.is_file()]
+    runs = [path for path in runs if (path / "metrics.json").is_file() == finished]
+    return sorted(runs, key=lambda path: path.name)
 
 
 def finished_run(path, flag):
