@@ -137,8 +137,7 @@ def find_script(name):
     path = Path(name if name.endswith(".py") else name + ".py")
     path = next((p for p in (path, REPO / path) if p.is_file()), None)
     require(path, f"unknown preset or script {name!r}; presets: {', '.join(PRESETS)}")
-    found = settings.read_script(path).settings
-    defaults = {setting: found[setting].default for setting in found}
+    defaults = {n: s.default for n, s in settings.read_script(path).settings.items()}
     require("RESUME" in defaults, f"{name} is not a training script: no RESUME")
     return path.resolve(), defaults
 
@@ -240,8 +239,7 @@ def make_points(study):
 
 
 def state(point, export=False):
-    """A point's finished "run", "done" (and exported if `export`), the run to "resume"
-    (newest unfinished, not failed), "runs", "attempts", "seconds", "other_code"."""
+    """What a point's folder holds: its runs, its attempts, and whether it is done."""
     stem, log = point["script"].stem, point["dir"] / "attempts.jsonl"
     lines = log.read_text().splitlines() if log.is_file() else []
     attempts = [json.loads(line) for line in lines]
@@ -262,9 +260,8 @@ def state(point, export=False):
 
 
 def claim_point(point_dir, take=True):
-    """(file descriptor, None) once this process holds the point's flock(2) lock, else
-    (None, its holder); take=False only looks. The training child inherits the lock and
-    the kernel drops it with its last holder: a claim lives as long as its trainer."""
+    """(fd, None) once this process holds the point's flock(2) lock, else (None, holder);
+    take=False only looks. The trainer inherits the lock, dropped with its last holder."""
     lock = Path(point_dir) / "claim.lock"
     if not take and not lock.is_file():
         return None, None
@@ -361,8 +358,7 @@ def run_study(study, points, todo):
 
 
 def dry_run(study, points):
-    """Each point's state, and a time ESTIMATE from the finished points' wall times:
-    the mean of the same script's finished points at the same values, else at any."""
+    """Each point's state, and a time ESTIMATE from the finished points' wall times."""
     metric = study["metrics"][0]
     states = [state(point, study["config"]["EXPORT"]) for point in points]
     timed = [(p, s["seconds"]) for p, s in zip(points, states) if s["done"]]
@@ -416,8 +412,7 @@ def number(value):
 
 
 def tables(study, points):
-    """(runs, summary): a row per finished run; per point n and each metric's mean, sd
-    and "ci", the half-width of the INTERVAL Student-t interval of its mean."""
+    """(runs, summary): a row per finished run; per point n, mean, sd, "ci" half-width."""
     import pandas as pd
     from scipy import stats
 
@@ -459,10 +454,9 @@ def tables(study, points):
 
 def markdown(study, runs, summary, points):
     """study_<name>.md: what was measured and how, the table, unfinished points."""
-    metrics, name = study["metrics"], study["name"]
+    metrics, name, level = study["metrics"], study["name"], study["level"]
     names = [n for n in summary if n.isupper() and n not in MODELS]  # settings' columns
     header = ["model", *map(label, names), "n"]
-    level = study["level"]  # INTERVAL as the outputs write it
     header += [h for m in metrics for h in (f"mean {label(m)}", "sd", f"{level} CI")]
     rows = []
     for row in summary.to_dict("records"):
@@ -498,15 +492,14 @@ def markdown(study, runs, summary, points):
 
 
 def draw(study, runs, summary):
-    """The first metric against the first swept setting (or the second metric): a line
-    per model and other swept values, mean and interval per point, a dot per run."""
+    """The first metric against the first swept setting (or the second metric)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
     metrics, x_name = study["metrics"], next(iter(study["sweeps"]))
-    x_label, values, two = label(x_name), study["sweeps"][x_name], len(metrics) > 1
+    values, two = study["sweeps"][x_name], len(metrics) > 1
     numeric = all(type(value) in (int, float) for value in values)
     position = {v: i for i, v in enumerate(values)}  # categories, in the sweep's order
     if numeric:  # 0 = all training images: right of the largest size
@@ -535,7 +528,7 @@ def draw(study, runs, summary):
         axes.set_xscale("log" if log else "linear")
         axes.set_xticks([position[v] for v in values], [show(x_name, v) for v in values])
         axes.minorticks_off()
-    x_label = label(metrics[1]) if two else x_label + " (log)" * log
+    x_label = label(metrics[1]) if two else label(x_name) + " (log)" * log
     axes.set(ylabel=label(metrics[0]), xlabel=x_label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
