@@ -143,9 +143,8 @@ def summary(rounds, batch_size):
 
 
 def training_case(kind, model, config):
-    """Our way, the uint8 set in memory. streaming: the pipeline alone, then training end
-    to end and on one batch from memory (compute); precision: that batch, a model each
-    in float32, mixed precision and XLA."""
+    """Our way, the uint8 set in memory. streaming: the pipeline alone, end to end, and
+    compute (one batch from memory); precision: that batch in float32, mixed, XLA."""
     run, built = sizes(config), model_config(model, config)  # its own augmentation
     images, labels = random_cifar(run["images"], config["SEED"])
     batch_size = built["BATCH_SIZE"]
@@ -238,8 +237,7 @@ def proc_bytes(file, field):
 
 
 def run_child(case, config, started):
-    """Parent side: `case` in a fresh process, stopped past MEMORY_LIMIT_GB (0: 90% of
-    the memory free at start)."""
+    """Parent side: `case` in a fresh process, stopped past MEMORY_LIMIT_GB."""
     flags = [f"--{n.lower()}={v!r}" for n, v in config.items() if v != CONFIG[n]]
     free = proc_bytes("meminfo", "MemAvailable") or float("inf")  # off Linux: unknown
     limit = config["MEMORY_LIMIT_GB"] * GB or 0.9 * free

@@ -153,8 +153,7 @@ def read_columns(run_dirs):
 
 
 def load_test_set(run, data_dir, cache):
-    """The test set `run` was evaluated on (from `data_dir`, else its DATA_DIR), read
-    once per source; class folders decode at the run's IMG_SIZE, as in training."""
+    """The test set `run` was evaluated on (`data_dir`, else its DATA_DIR), read once."""
     config, where = run["config"], data_dir or run["config"].get("DATA_DIR", "")
     fraction = config.get("TEST_FRACTION", data.TEST_FRACTION)
     folders = data.class_folders_root(where)
@@ -282,8 +281,7 @@ def new_figure(rows=1, columns=1, size=(12, 4.5), **options):
 
 
 def save_figure(figure, path, dpi, data_label=""):
-    """Write a PNG whole or not at all and close it; the data label goes on a line under
-    the title, which is also the PNG's Title metadata."""
+    """Write a PNG whole or not at all and close it; `data_label` goes under the title."""
     if data_label:
         figure.suptitle(f"{figure.get_suptitle()}\n{data_label}")
     partial = path.with_name(path.name + ".partial")
