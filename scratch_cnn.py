@@ -82,17 +82,15 @@ def check_config(config):
     settings.require(
         0 <= config["WARMUP_FRACTION"] < 1, "--warmup_fraction must lie in [0, 1)"
     )
-    settings.require(
-        config["AUGMENT_FLIP"] in ("random", "alternate", "none"),
-        "--augment_flip must be random, alternate or none",
-    )
-    settings.require(
-        config["TTA"] in ("none", "flip", "crops"), "--tta must be none, flip or crops"
-    )
-    settings.require(
-        config["MIXED_PRECISION"] in ("off", "on", "auto"),
-        "--mixed_precision must be off, on or auto",
-    )
+    for name, first, second, third in (
+        ("AUGMENT_FLIP", "random", "alternate", "none"),
+        ("TTA", "none", "flip", "crops"),
+        ("MIXED_PRECISION", "off", "on", "auto"),
+    ):
+        settings.require(
+            config[name] in (first, second, third),
+            f"--{name.lower()} must be {first}, {second} or {third}",
+        )
     settings.check_data_settings(config)
 
 
@@ -101,10 +99,9 @@ def check_config(config):
 
 
 def whitening_filters(images, epsilon, patch=2):
-    """2x2 filters that whiten the images' patches: the eigenvectors of the patches'
-    (uncentered) covariance, each divided by the square root of its eigenvalue plus
-    `epsilon`, and their negatives (so a ReLU-like activation keeps both signs).
-    `images`: float (N, H, W, C). Returns a Conv2D kernel (2, 2, C, 2 x 4C)."""
+    """A Conv2D kernel (2, 2, C, 2 x 4C) that whitens the patches of `images` (float,
+    N x H x W x C): the eigenvectors of their uncentered covariance, each over the square
+    root of its eigenvalue plus `epsilon`, and their negatives (GELU keeps both signs)."""
     channels = images.shape[-1]
     windows = np.lib.stride_tricks.sliding_window_view(
         images, (patch, patch), axis=(1, 2)
@@ -132,32 +129,31 @@ def build_model(
     image_size, width, num_classes, mean, std, whitening=None, dirac=True,
     batchnorm_momentum=0.6, bias_rate_factor=64.0, logit_scale=1 / 9, l2=0.0,
 ):  # fmt: skip
-    """airbench94's network: 2x2 convolution (frozen `whitening` filters, or trained
-    when None) and GELU, three blocks of `width`, 4x and 4x filters (3x3 conv, 2x2
-    max-pool, BatchNorm, GELU, 3x3 conv, BatchNorm, GELU), global max pooling, a
-    linear layer without bias, logits times `logit_scale`, softmax. Inputs in [0, 1]
-    are standardised with the training images' `mean` and `std` per channel. BatchNorm
-    has no scale; its bias learns `bias_rate_factor` times faster. Kernels carry the
-    coupled L2 penalty `l2`."""
-    # PyTorch's default initialisation, as airbench has it: uniform within 1/sqrt(fan_in).
-    initializer = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
-    penalty = keras.regularizers.L2(l2 / 2) if l2 else None  # d/dw of l2/2 w^2 = l2 w
+    """airbench94's network: inputs in [0, 1] standardised with the training images'
+    `mean` and `std`, a 2x2 convolution (frozen `whitening` filters, or trained when
+    None), blocks of `width`, 4x and 4x filters, global max pooling, a linear layer and
+    logits times `logit_scale`; BatchNorm biases learn `bias_rate_factor` times faster."""
+    # Every kernel: no bias, PyTorch's default initialisation as airbench has it
+    # (uniform within 1/sqrt(fan_in)) and coupled L2 (d/dw of l2/2 w^2 = l2 w).
+    kernels = dict(
+        use_bias=False,
+        kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+        kernel_regularizer=keras.regularizers.L2(l2 / 2) if l2 else None,
+    )
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = keras.layers.Normalization(
         mean=mean, variance=np.square(std), name="standardise"
     )(inputs)
     x = keras.layers.Conv2D(
-        24, 2, use_bias=False, trainable=whitening is None, kernel_regularizer=penalty,
-        kernel_initializer=initializer, name="whiten",
+        24, 2, trainable=whitening is None, name="whiten", **kernels
     )(x)  # fmt: skip
     x = training.Bias(name="whiten_bias", l2=l2)(x)
     x = keras.layers.Activation("gelu", name="whiten_gelu")(x)
     for block, filters in enumerate((width, 4 * width, 4 * width), start=1):
         for conv in (1, 2):
             x = keras.layers.Conv2D(
-                filters, 3, padding="same", use_bias=False, kernel_regularizer=penalty,
-                kernel_initializer=initializer, name=f"block{block}_conv{conv}",
-            )(x)  # fmt: skip
+                filters, 3, padding="same", name=f"block{block}_conv{conv}", **kernels
+            )(x)
             if conv == 1:
                 x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
             # BatchNorm in float32 under mixed precision; its bias is a Bias layer.
@@ -171,27 +167,22 @@ def build_model(
             )(x)  # fmt: skip
             x = keras.layers.Activation("gelu", name=f"block{block}_gelu{conv}")(x)
     x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-    x = keras.layers.Dense(
-        num_classes, use_bias=False, kernel_regularizer=penalty,
-        kernel_initializer=initializer, name="linear",
-    )(x)  # fmt: skip
+    x = keras.layers.Dense(num_classes, name="linear", **kernels)(x)
     x = keras.layers.Rescaling(logit_scale, dtype="float32", name="logit_scale")(x)
     outputs = keras.layers.Softmax(dtype="float32", name="classes")(x)
     model = keras.Model(inputs, outputs, name="scratch_cnn")
     if whitening is not None:
         model.get_layer("whiten").kernel.assign(whitening)
-    if dirac:
-        for layer in model.layers:
-            if layer.name.startswith("block") and "_conv" in layer.name:
-                layer.kernel.assign(dirac_kernel(layer.kernel.numpy()))
+    for layer in model.layers:
+        if dirac and layer.name.startswith("block") and "_conv" in layer.name:
+            layer.kernel.assign(dirac_kernel(layer.kernel.numpy()))
     return model
 
 
 class Lookahead(keras.callbacks.Callback):
     """airbench's lookahead: every `every` steps, a moving average of every weight
-    (BatchNorm statistics included) takes a step towards the weights, and the weights
-    are set to it. Its decay grows as (step / total)^3 to `decay`, so it starts as
-    plain training and ends averaging; the last step leaves the average in place."""
+    (BatchNorm statistics included) steps towards the weights, which are set to it. Its
+    decay grows as (step / total)^3 to `decay`; the last step keeps the average."""
 
     def __init__(self, total_steps, every=LOOKAHEAD_EVERY, decay=LOOKAHEAD_DECAY):
         super().__init__()
@@ -202,13 +193,10 @@ class Lookahead(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every and step < self.total_steps:
+        last = step >= self.total_steps
+        if step % self.every and not last:
             return
-        decay = (
-            1.0
-            if step >= self.total_steps
-            else self.decay * (step / self.total_steps) ** 3
-        )
+        decay = 1.0 if last else self.decay * (step / self.total_steps) ** 3
         for average, variable in zip(self.average, self.model.weights):
             average *= decay
             average += (1 - decay) * variable.numpy()
@@ -216,17 +204,14 @@ class Lookahead(keras.callbacks.Callback):
 
 
 def compiled_model(config, train_images, num_classes, steps_per_epoch):
-    """The network compiled for a run of `config` over `steps_per_epoch` steps an
-    epoch; `train_images` (uint8) give the standardisation and whitening filters
-    (bench.py times what this returns)."""
+    """The network compiled for a run of `config`, `steps_per_epoch` steps an epoch;
+    `train_images` (uint8) give its standardisation and whitening (bench.py times it)."""
     sample = np.random.default_rng(config["SEED"]).permutation(len(train_images))
     sample = train_images[sample[: config["WHITEN_IMAGES"]]].astype(np.float32) / 255
     mean, std = sample.mean(axis=(0, 1, 2)), sample.std(axis=(0, 1, 2)) + 1e-6
-    whitening = (
-        whitening_filters((sample - mean) / std, config["WHITEN_EPSILON"])
-        if config["WHITEN"]
-        else None
-    )
+    whitening = None
+    if config["WHITEN"]:
+        whitening = whitening_filters((sample - mean) / std, config["WHITEN_EPSILON"])
     model = build_model(
         config["IMG_SIZE"], config["WIDTH"], num_classes, mean, std, whitening,
         config["DIRAC_INIT"], config["BATCHNORM_MOMENTUM"], config["BIAS_RATE_FACTOR"],
@@ -235,9 +220,8 @@ def compiled_model(config, train_images, num_classes, steps_per_epoch):
     total_steps = config["EPOCHS"] * steps_per_epoch
     schedule = training.WarmupThenDecay(
         config["LEARNING_RATE"] * config["BATCH_SIZE"] / 1024,
-        warmup_steps=round(config["WARMUP_FRACTION"] * total_steps),
+        warmup_steps=round(config["WARMUP_FRACTION"] * total_steps), decay="linear",
         total_steps=total_steps, start=config["START_RATE"], end=config["END_RATE"],
-        decay="linear",
     )  # fmt: skip
     optimizer = keras.optimizers.SGD(schedule, momentum=config["MOMENTUM"], nesterov=True)
     training.compile_model(
@@ -285,8 +269,9 @@ def main(argv):
     print(f"run folder: {run_dir}")
     training.fit(
         model, pipelines, run_dir, phase="train", epochs=config["EPOCHS"],
-        early_stopping_patience=config["EARLY_STOPPING_PATIENCE"], verbose=config["VERBOSE"],
+        early_stopping_patience=config["EARLY_STOPPING_PATIENCE"],
         callbacks=[Lookahead(total_steps)] if config["LOOKAHEAD"] else [],
+        verbose=config["VERBOSE"],
     )  # fmt: skip
 
     # Save/Report

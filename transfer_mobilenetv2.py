@@ -40,9 +40,7 @@ AUGMENT_ROTATE = 0.0  # random rotation, fraction of a full turn (0 = off)
 AUGMENT_ZOOM = 0.0  # random zoom, fraction of the side (0 = off)
 AUGMENT_CONTRAST = 0.0  # random contrast change, fraction (0 = off)
 ALPHA = 1.0  # MobileNetV2's width multiplier; ImageNet weights: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4
-WEIGHTS = (
-    "imagenet"  # "imagenet" (Keras cache, else downloaded once), a file path, or "none"
-)
+WEIGHTS = "imagenet"  # "imagenet" (Keras cache, else downloaded once), a path or "none"
 DROPOUT = 0.2  # dropout rate before the classifier
 HEAD_EPOCHS = 3  # phase 1: epochs training the new head on the frozen base; 0 = skip
 HEAD_LR = 1e-3  # phase 1 learning rate, constant (AdamW)
@@ -79,9 +77,7 @@ IMAGENET_SIZES = (224, 192, 160, 128, 96)  # pixels: sizes Keras has weights for
 IMAGENET_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 )
-WEIGHTS_NAME = re.compile(
-    r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_([\d.]+)_(\d+)"
-)
+IMAGENET_PREFIX = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_"  # then alpha_size
 
 
 def check_config(config):
@@ -121,15 +117,14 @@ def check_config(config):
 
 
 def imagenet_weights_name(alpha, image_size):
-    """The file Keras downloads for a MobileNetV2 base of width `alpha` at `image_size`."""
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{image_size}_no_top.h5"
+    """Keras's weights file for a MobileNetV2 base of width `alpha` at `image_size`."""
+    return f"{IMAGENET_PREFIX}{float(alpha)}_{image_size}_no_top.h5"
 
 
 def weights_resolution(path):
-    """The image size a Keras MobileNetV2 weights file was trained at, from its name
-    (Keras publishes one per size), or None for a file of another name."""
-    match = WEIGHTS_NAME.match(Path(path).name)
-    return int(match.group(2)) if match else None
+    """The image size a Keras weights file was trained at, from its name, or None."""
+    match = re.match(IMAGENET_PREFIX + r"[\d.]+_(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def resolve_weights(weights, alpha, image_size):
@@ -147,11 +142,9 @@ def resolve_weights(weights, alpha, image_size):
             )
         return str(path)
     models_dir = data.keras_home() / "models"
-    size = image_size if image_size in IMAGENET_SIZES else 224
-    names = [imagenet_weights_name(alpha, size)]
-    names += [
-        imagenet_weights_name(alpha, other) for other in IMAGENET_SIZES if other != size
-    ]
+    first = image_size if image_size in IMAGENET_SIZES else 224
+    sizes = [first] + [size for size in IMAGENET_SIZES if size != first]
+    names = [imagenet_weights_name(alpha, size) for size in sizes]
     for name in names:
         if (models_dir / name).is_file():
             return str(models_dir / name)
@@ -216,10 +209,9 @@ def freeze_base(base):
 
 
 def unfreeze_for_fine_tuning(base, freeze_first, batchnorm_momentum=None):
-    """Phase 2: the base trainable except its first `freeze_first` layers and every
-    BatchNormalization layer, unless `batchnorm_momentum` is given: then BatchNorm
-    trains too, its moving averages at that momentum. A frozen BatchNorm layer runs in
-    inference mode: it normalizes with its moving statistics and leaves them alone."""
+    """Phase 2: the base trainable but its first `freeze_first` layers and BatchNorm (a
+    frozen BatchNorm layer runs in inference mode: it uses its moving statistics and
+    leaves them alone); given `batchnorm_momentum`, BatchNorm trains, at that momentum."""
     base.trainable = True
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -230,10 +222,7 @@ def unfreeze_for_fine_tuning(base, freeze_first, batchnorm_momentum=None):
 
 
 def unfreeze_all(base, batchnorm_momentum):
-    """A random start: every layer trainable from the first step, BatchNorm included,
-    as a network trained from scratch. MobileNetV2's BatchNorm momentum of 0.999 suits
-    ImageNet's long runs: on a few thousand images its moving statistics would still
-    be mostly the placeholders (0 and 1) when training ends."""
+    """A random start: every layer trains, BatchNorm at momentum `batchnorm_momentum`."""
     base.trainable = True
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -243,25 +232,22 @@ def unfreeze_all(base, batchnorm_momentum):
 def compile_phase(model, base, config, phase, steps_per_epoch):
     """Make `phase` ("head", "fine_tune" or "random_start") trainable and compile for
     it: AdamW, constant for the head, else under a warm-up then cosine decay."""
+    momentum = config["BATCHNORM_MOMENTUM"]
     if phase == "head":
         freeze_base(base)
-        optimizer = keras.optimizers.AdamW(
-            config["HEAD_LR"], weight_decay=config["WEIGHT_DECAY"]
-        )
+        learning_rate = config["HEAD_LR"]
     else:
         if phase == "fine_tune":
-            momentum = (
-                config["BATCHNORM_MOMENTUM"] if config["FINE_TUNE_BATCHNORM"] else None
-            )
+            momentum = momentum if config["FINE_TUNE_BATCHNORM"] else None
             unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"], momentum)
         else:
-            unfreeze_all(base, config["BATCHNORM_MOMENTUM"])
-        schedule = training.WarmupThenDecay(
+            unfreeze_all(base, momentum)
+        learning_rate = training.WarmupThenDecay(
             config["FINE_TUNE_LR" if phase == "fine_tune" else "RANDOM_START_LR"],
             warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
             total_steps=config["FINE_TUNE_EPOCHS"] * steps_per_epoch,
         )
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config["WEIGHT_DECAY"])
+    optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config["WEIGHT_DECAY"])
     training.compile_model(
         model, optimizer, config["LABEL_SMOOTHING"], config["JIT_COMPILE"]
     )
@@ -288,11 +274,10 @@ def training_plan(config, base):
             "ignored": ["HEAD_EPOCHS", "HEAD_LR", "FINE_TUNE_LR", "FREEZE_FIRST"],
         }
     phases = {"head": config["HEAD_EPOCHS"], "fine_tune": config["FINE_TUNE_EPOCHS"]}
+    frozen = base.layers[: config["FREEZE_FIRST"]]
     return {
         "phases": {phase: epochs for phase, epochs in phases.items() if epochs},
-        "frozen_first_layers": [
-            layer.name for layer in base.layers[: config["FREEZE_FIRST"]]
-        ],
+        "frozen_first_layers": [layer.name for layer in frozen],
         "batchnorm": (
             "trained in phase 2"
             if config["FINE_TUNE_BATCHNORM"]
@@ -329,10 +314,11 @@ def main(argv):
         f"--freeze_first must be at most {len(base.layers)}, the base's layer count",
     )
     plan = training_plan(config, base)
+    weights_file = Path(weights).name if weights else None
     trained_at = weights_resolution(weights) if weights else None
     print(
-        f"model: MobileNetV2 alpha {config['ALPHA']}, {model.count_params():,} parameters; "
-        f"weights {Path(weights).name if weights else 'random'}"
+        f"model: MobileNetV2 alpha {config['ALPHA']}, {model.count_params():,} "
+        f"parameters; weights {weights_file or 'random'}"
         f"{f' (trained at {trained_at} px)' if trained_at else ''}; "
         f"phases {plan['phases']}; BatchNorm {plan['batchnorm']}"
     )
@@ -346,22 +332,21 @@ def main(argv):
         training.save_run_config(
             run_dir, SCRIPT, config, pipelines.source, value_range=VALUE_RANGE,
             class_names=list(pipelines.class_names), precision=precision,
-            weights_file=Path(weights).name if weights else None,
-            weights_resolution=trained_at, training_plan=plan,
+            weights_file=weights_file, weights_resolution=trained_at, training_plan=plan,
         )  # fmt: skip
     print(f"run folder: {run_dir}")
     done = 0
     for phase, epochs in plan["phases"].items():
         with strategy.scope():
             compile_phase(model, base, config, phase, pipelines.steps_per_epoch)
-        print(
-            f"{phase}: {epochs} epochs, {training.count_trainable(model):,} trainable parameters"
-        )
+        trainable = training.count_trainable(model)
+        print(f"{phase}: {epochs} epochs, {trainable:,} trainable parameters")
         # A resumed run restores a finished phase from its backup and trains no further.
+        patience = 0 if phase == "head" else config["EARLY_STOPPING_PATIENCE"]
         training.fit(
             model, pipelines, run_dir, phase=phase, epochs=done + epochs,
-            initial_epoch=done, verbose=config["VERBOSE"],
-            early_stopping_patience=config["EARLY_STOPPING_PATIENCE"] if phase != "head" else 0,
+            initial_epoch=done, early_stopping_patience=patience,
+            verbose=config["VERBOSE"],
         )  # fmt: skip
         done += epochs
 
