@@ -82,15 +82,6 @@ def check_config(config):
     settings.require(
         0 <= config["WARMUP_FRACTION"] < 1, "--warmup_fraction must lie in [0, 1)"
     )
-    for name, first, second, third in (
-        ("AUGMENT_FLIP", "random", "alternate", "none"),
-        ("TTA", "none", "flip", "crops"),
-        ("MIXED_PRECISION", "off", "on", "auto"),
-    ):
-        settings.require(
-            config[name] in (first, second, third),
-            f"--{name.lower()} must be {first}, {second} or {third}",
-        )
     settings.check_data_settings(config)
 
 

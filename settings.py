@@ -42,8 +42,18 @@ def require(condition, message):
         raise ConfigError(message)
 
 
+CHOICES = {  # settings that take one of a few words, in every script that has them
+    "AUGMENT_FLIP": ("random", "alternate", "none"),
+    "TTA": ("none", "flip", "crops"),
+    "MIXED_PRECISION": ("off", "on", "auto"),
+}
+
+
 def check_data_settings(config):
-    """The data settings the training scripts share, those `config` has, checked."""
+    """The settings the training scripts share, those `config` has, checked."""
+    for name, words in [(name, CHOICES[name]) for name in CHOICES if name in config]:
+        listed = f"{', '.join(words[:-1])} or {words[-1]}"
+        require(config[name] in words, f"--{name.lower()} must be {listed}")
     for name in [name for name in ("VAL_FRACTION", "TEST_FRACTION") if name in config]:
         value = config[name]
         require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")

@@ -102,13 +102,6 @@ def check_config(config):
         f"--alpha={config['ALPHA']}: ImageNet weights exist for alpha "
         f"{', '.join(map(str, IMAGENET_ALPHAS))}; pick one, or use --weights=none",
     )
-    settings.require(
-        config["TTA"] in ("none", "flip", "crops"), "--tta must be none, flip or crops"
-    )
-    settings.require(
-        config["MIXED_PRECISION"] in ("off", "on", "auto"),
-        "--mixed_precision must be off, on or auto",
-    )
     settings.check_data_settings(config)
 
 

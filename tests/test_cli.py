@@ -195,6 +195,8 @@ BAD_COMMAND_LINES = [
         ["--head_epochs=0", "--fine_tune_epochs=0"],
         "nothing to train",
     ),
+    ("transfer_mobilenetv2.py", ["--augment_flip=yes"], "--augment_flip must be"),
+    ("data.py", ["--augment_flip=yes"], "must be random, alternate or none"),
     ("data.py", ["--val_fraction=1.5"], "--val_fraction must lie in (0, 1)"),
     ("evaluate.py", ["--dpi", "0"], "--dpi must be positive"),
     ("bench.py", ["--quick", "--quick_steps", "0"], "--quick_steps must be positive"),
