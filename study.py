@@ -563,10 +563,10 @@ def report(study, points):
     base = Path(study["config"]["PLOTS_DIR"]) / f"study_{study['name']}"
     base.parent.mkdir(parents=True, exist_ok=True)
     csv = runs.rename(columns=label).to_csv(index=False)  # names for readers
-    settings.write_text(base.with_suffix(".csv"), csv)
-    settings.write_text(base.with_suffix(".md"), markdown(study, runs, summary, points))
-    draw(study, runs, summary).savefig(base.with_suffix(".partial.png"), dpi=120)
-    base.with_suffix(".partial.png").replace(base.with_suffix(".png"))
+    settings.write_text(Path(f"{base}.csv"), csv)  # not with_suffix: names may hold dots
+    settings.write_text(Path(f"{base}.md"), markdown(study, runs, summary, points))
+    draw(study, runs, summary).savefig(f"{base}.partial.png", dpi=120)
+    Path(f"{base}.partial.png").replace(f"{base}.png")
     print(f"wrote {base}.png, .csv and .md ({len(runs)} of {len(points)} runs finished)")
 
 

@@ -229,6 +229,23 @@ def test_report_of_an_exporting_study_skips_runs_not_exported_yet(tiny_study, tm
     assert [row["int8 ms per image (1 thread)"] for row in rows] == ["1.5"]
 
 
+def test_a_study_name_with_a_dot_names_its_own_outputs(tiny_study, tmp_path):
+    """--study=tiny.v2 writes study_tiny.v2.*, never over another study's study_tiny.*."""
+    shutil.copytree(
+        tiny_study["root"] / "runs/study/tiny", tmp_path / "runs/study/tiny.v2"
+    )
+    args = [
+        a for a in tiny_study["command"] if not a.startswith(("--out_dir", "--plots"))
+    ]
+    args = [a.replace("--study=tiny", "--study=tiny.v2") for a in args]
+    args += [f"--out_dir={tmp_path / 'runs'}", f"--plots_dir={tmp_path / 'plots'}"]
+    result = run_study([*args, "--report"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    written = sorted(path.name for path in (tmp_path / "plots").iterdir())
+    assert written == [f"study_tiny.v2.{kind}" for kind in ("csv", "md", "png")]
+    assert len(read_csv(tmp_path / "plots" / "study_tiny.v2.csv")) == 3
+
+
 def test_claimed_points_are_skipped_and_dead_claims_taken_over(tiny_study):
     """A wider sweep adds points; --dry_run lists them with an estimate; --commands
     prints one line per unfinished point; --report writes the outputs of the finished
