@@ -88,7 +88,7 @@ def cli(main, interrupted_hint="interrupted"):
     except (ConfigError, DataError) as error:
         fail(error, EXIT_CONFIG if isinstance(error, ConfigError) else EXIT_DATA)
     except (Interrupted, KeyboardInterrupt) as error:
-        print(f"{Path(sys.argv[0]).name}: {error or interrupted_hint}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: {str(error) or interrupted_hint}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -231,6 +232,23 @@ def test_the_same_checks_stop_main_when_it_is_called_in_process():
         scratch_cnn.main(["--augment_flip", "up"])
     with pytest.raises(settings.ConfigError, match="ImageNet weights exist for alpha"):
         transfer_mobilenetv2.main(["--alpha=0.3"])
+
+
+def test_ctrl_c_before_training_says_interrupted_and_exits_130(monkeypatch, capsys):
+    """A Ctrl-C while data loads (no run to resume yet) still says what happened."""
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["scratch_cnn.py"])
+    sigterm = signal.getsignal(signal.SIGTERM)  # cli() makes SIGTERM a Ctrl-C
+    try:
+        with pytest.raises(SystemExit) as stop:
+            settings.cli(main)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert stop.value.code == settings.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "scratch_cnn.py: interrupted\n"
 
 
 def test_check_command_line_does_nothing_when_imported(monkeypatch):
