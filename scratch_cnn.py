@@ -77,7 +77,8 @@ LOOKAHEAD_DECAY = 0.95**5  # the moving average's decay at the end of training
 def check_config(config):
     """Checks of the settings alone: run before TensorFlow loads, and by main()."""
     settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
-    settings.require(config["WIDTH"] > 0, "--width must be positive")
+    for name in ("WIDTH", "WHITEN_IMAGES", "MIN_STEPS"):
+        settings.require(config[name] > 0, f"--{name.lower()} must be positive")
     settings.require(config["IMG_SIZE"] >= 16, "--img_size must be 16 or more")
     settings.require(
         0 <= config["WARMUP_FRACTION"] < 1, "--warmup_fraction must lie in [0, 1)"

@@ -60,6 +60,8 @@ def check_data_settings(config):
     images = config.get("TRAIN_IMAGES", 0)
     require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
     require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")
+    momentum = config.get("BATCHNORM_MOMENTUM", 0)
+    require(0 <= momentum < 1, f"--batchnorm_momentum must lie in [0, 1), got {momentum}")
 
 
 def batch_size(config, train_images, replicas=1):
@@ -88,7 +90,8 @@ def cli(main, interrupted_hint="interrupted"):
     except (ConfigError, DataError) as error:
         fail(error, EXIT_CONFIG if isinstance(error, ConfigError) else EXIT_DATA)
     except (Interrupted, KeyboardInterrupt) as error:
-        print(f"{Path(sys.argv[0]).name}: {str(error) or interrupted_hint}", file=sys.stderr)
+        hint = str(error) or interrupted_hint  # a bare Ctrl-C has no message
+        print(f"{Path(sys.argv[0]).name}: {hint}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -209,7 +209,8 @@ def unfreeze_for_fine_tuning(base, freeze_first, batchnorm_momentum=None):
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = batchnorm_momentum is not None
-            layer.momentum = batchnorm_momentum or layer.momentum
+            if layer.trainable:  # 0.0 too: batch statistics only
+                layer.momentum = batchnorm_momentum
     for layer in base.layers[:freeze_first]:
         layer.trainable = False
 

@@ -177,6 +177,13 @@ def test_fine_tuning_freezes_exactly_the_first_layers_and_batchnorm():
     )
 
 
+def test_fine_tuned_batchnorm_takes_the_momentum_given_zero_included():
+    _, base = transfer.build_model(32, ALPHA, None, dropout=0.2)
+    transfer.unfreeze_for_fine_tuning(base, 0, batchnorm_momentum=0.0)
+    assert {layer.momentum for layer in batchnorm_layers(base)} == {0.0}
+    assert all(layer.trainable for layer in batchnorm_layers(base))
+
+
 # --weights=none, the random start: test_folders.py checks it on its class-folder
 # run, which trains the same MobileNetV2 path from random weights.
 
@@ -389,6 +396,8 @@ def test_settings_that_cannot_work_exit_2():
         transfer.main(["--weights=none", "--img_size=16"])
     with pytest.raises(settings.ConfigError, match="--alpha=0.6: ImageNet weights"):
         transfer.main(["--alpha=0.6"])
+    with pytest.raises(settings.ConfigError, match="--batchnorm_momentum must lie"):
+        transfer.main(["--batchnorm_momentum=1.5"])
     # A random start is any width.
     transfer.check_config({**transfer.CONFIG, "ALPHA": 0.6, "WEIGHTS": "none"})
 
