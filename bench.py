@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import signal
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -398,7 +399,7 @@ def check_config(config):
 
 
 def main(argv):
-    command = " ".join(["python bench.py", *argv])
+    command = shlex.join(["python", "bench.py", *argv])
     config = settings.parse_overrides(CONFIG, argv)
     if config["CASE"]:
         return run_case(config["CASE"], config)
