@@ -17,8 +17,8 @@ import concurrent.futures
 import json
 import os
 import resource
-import signal
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
