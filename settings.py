@@ -60,8 +60,8 @@ def check_data_settings(config):
     images = config.get("TRAIN_IMAGES", 0)
     require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
     require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")
-    momentum = config.get("BATCHNORM_MOMENTUM", 0)
-    require(0 <= momentum < 1, f"--batchnorm_momentum must lie in [0, 1), got {momentum}")
+    momentum = config.get("BATCHNORM_MOMENTUM", 0)  # 1: the statistics never move
+    require(0 <= momentum <= 1, f"--batchnorm_momentum must lie in [0, 1]: {momentum}")
 
 
 def batch_size(config, train_images, replicas=1):

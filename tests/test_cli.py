@@ -191,7 +191,7 @@ BAD_COMMAND_LINES = [
     ),
     ("scratch_cnn.py", ["--epochs", "0"], "--epochs must be positive"),
     ("scratch_cnn.py", ["--whiten_images=0"], "--whiten_images must be positive"),
-    ("scratch_cnn.py", ["--batchnorm_momentum=1.0"], "must lie in [0, 1), got 1.0"),
+    ("scratch_cnn.py", ["--batchnorm_momentum=1.5"], "must lie in [0, 1]: 1.5"),
     ("transfer_mobilenetv2.py", ["--alpha", "0.3"], "ImageNet weights exist for alpha"),
     (
         "transfer_mobilenetv2.py",
