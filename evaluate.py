@@ -228,7 +228,7 @@ def evaluate_run(column, run, test, config):
         image_size=trained["IMG_SIZE"], value_range=tuple(run["saved"]["value_range"]),
         num_classes=len(test.class_names),
     )  # fmt: skip
-    level = max(FIGURE_TTA, tta, key=training.TTA_LEVELS.index)
+    level = max(FIGURE_TTA, tta, key=settings.CHOICES["TTA"].index)
     levels, _ = training.predict_tta(model, dataset, level)
     start = time.perf_counter()  # a pass without TTA, the graph traced by now
     model.predict(dataset, verbose=0)  # images only: predict leaves the labels alone

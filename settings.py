@@ -51,12 +51,14 @@ CHOICES = {  # settings that take one of a few words, in every script that has t
 
 def check_data_settings(config):
     """The settings the training scripts share, those `config` has, checked."""
-    for name, words in [(name, CHOICES[name]) for name in CHOICES if name in config]:
-        listed = f"{', '.join(words[:-1])} or {words[-1]}"
-        require(config[name] in words, f"--{name.lower()} must be {listed}")
-    for name in [name for name in ("VAL_FRACTION", "TEST_FRACTION") if name in config]:
-        value = config[name]
-        require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
+    for name, words in CHOICES.items():
+        if name in config:
+            listed = f"{', '.join(words[:-1])} or {words[-1]}"
+            require(config[name] in words, f"--{name.lower()} must be {listed}")
+    for name in ("VAL_FRACTION", "TEST_FRACTION"):
+        if name in config:
+            value = config[name]
+            require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
     images = config.get("TRAIN_IMAGES", 0)
     require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
     require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")

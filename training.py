@@ -24,7 +24,6 @@ import settings
 
 MAY_CHANGE_ON_RESUME = ("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")  # where, how loud
 HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
-TTA_LEVELS = ("none", "flip", "crops")  # test-time augmentation, each adding views
 
 # ---------------------------------------------------------------------------------
 # Set-up: configuration, run folders and resume, seeds, devices and precision
