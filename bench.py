@@ -1,12 +1,10 @@
-"""Speed and memory of both training scripts on this machine, side by side with the naive
-way (the whole set converted to float32 and resized up front, then `fit` on the arrays).
+"""Speed and memory of both training scripts, side by side with the naive way (the whole
+set converted to float32 and resized up front, then `fit` on the arrays).
 
     python bench.py            # full run: prints the table, writes bench.json
     python bench.py --quick    # smoke check on tiny sets: code paths, not numbers
 
-The table's steps, each case on random data in a process of its own: 1. the pipeline
-alone, 2. compute only, 3. end to end, 4. peak memory, 5. the naive way, 6. mixed
-precision and XLA. What they show: README, Speed.
+Each case runs on random data in a process of its own. What it shows: README, Speed.
 """
 
 import settings
@@ -67,10 +65,9 @@ CONFIG = settings.config_block(globals())  # the settings above: defaults for ov
 
 GB = 1e9  # bytes: the unit of the design's figures (50,000 x 96x96x3 x 4 B = 5.5 GB)
 RESULT_MARK = "BENCH_CASE_RESULT "  # a child's last stdout line: this, then its JSON
-MODELS = {"scratch_cnn": scratch_cnn, "transfer_mobilenetv2": transfer_mobilenetv2}
-MODELS["random_start"] = transfer_mobilenetv2  # as --weights=none trains it
+NAIVE_MODELS = {"scratch_cnn": scratch_cnn, "transfer_mobilenetv2": transfer_mobilenetv2}
+MODELS = NAIVE_MODELS | {"random_start": transfer_mobilenetv2}  # as --weights=none
 BATCH = {scratch_cnn: "SCRATCH_BATCH_SIZE", transfer_mobilenetv2: "TRANSFER_BATCH_SIZE"}
-NAIVE_MODELS = ("scratch_cnn", "transfer_mobilenetv2")  # the naive way, as the report
 TARGETS = {  # row id: the setting that holds its target; the other rows have none
     "end_to_end_scratch_cnn": "TARGET_SCRATCH_RATE",
     "peak_memory_transfer_mobilenetv2": "TARGET_MEMORY_GB",
@@ -91,13 +88,6 @@ def sizes(config):
     return run
 
 
-def random_cifar(count, seed):
-    """(images uint8 (count, 32, 32, 3), labels int32 (count,)), CIFAR-10-shaped."""
-    rng, side = np.random.default_rng(seed), data.NATIVE_SIZE
-    images = rng.integers(0, 256, (count, side, side, 3), np.uint8)
-    return images, rng.integers(0, data.NUM_CLASSES, count, dtype=np.int32)
-
-
 def model_config(model, config, **changes):
     """`model`'s script's config at this run's batch size, SEED and TRANSFER_ALPHA."""
     built = {**MODELS[model].CONFIG, "SEED": config["SEED"]}
@@ -110,25 +100,19 @@ def model_config(model, config, **changes):
 
 def build(model, config, train_images, **changes):
     """The model as its script compiles it for a run (MobileNetV2 from random weights)."""
-    built, script = model_config(model, config, **changes), MODELS[model]
+    built = model_config(model, config, **changes)
     steps = max(sizes(config)["images"] // built["BATCH_SIZE"], 1)
-    weights = {} if script is scratch_cnn else {"weights": None}  # random: no download
-    return script.compiled_model(built, train_images, data.NUM_CLASSES, steps, **weights)
+    return MODELS[model].compiled_model(built, train_images, data.NUM_CLASSES, steps)
 
 
 def step_seconds(model, x, y=None, *, steps, batch_size=None, shuffle=False):
     """Seconds of each of `steps` training steps of one `model.fit` call."""
-    times = []
-
-    def step_ended(batch, logs):
-        float(logs["loss"])  # waits for the step: on a GPU, a call returns before it
-        times.append(time.perf_counter())
-
+    times = []  # a batch-end callback gets its logs as numbers: Keras waits for the step
     model.fit(
         x, y, batch_size=batch_size, epochs=1, steps_per_epoch=steps, verbose=0,
         shuffle=shuffle, callbacks=[keras.callbacks.LambdaCallback(
             on_train_begin=lambda logs: times.append(time.perf_counter()),
-            on_train_batch_end=step_ended)],
+            on_train_batch_end=lambda batch, logs: times.append(time.perf_counter()))],
     )  # fmt: skip
     return np.diff(times)
 
@@ -143,12 +127,11 @@ def summary(rounds, batch_size):
 # Cases, each run by a child process: python bench.py --case=KIND:MODEL
 
 
-def training_case(kind, model, config):
+def training_case(kind, model, config, images, labels):
     """Our way, the uint8 set in memory. streaming: the pipeline alone, end to end, and
     compute (one batch from memory); precision: that batch in float32, mixed, XLA."""
     run, built = sizes(config), model_config(model, config)  # its own augmentation
-    images, labels = random_cifar(run["images"], config["SEED"])
-    batch_size = built["BATCH_SIZE"]
+    batch_size, warmup = built["BATCH_SIZE"], run["warmup_steps"]
     pipeline = data.make_dataset(
         images, labels, batch_size=batch_size, image_size=built["IMG_SIZE"],
         value_range=MODELS[model].VALUE_RANGE, augmenter=data.augmenter_for(built),
@@ -156,8 +139,8 @@ def training_case(kind, model, config):
     )  # fmt: skip
     fixed = tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat()
     if kind == "streaming":
-        warmup, batches = run["warmup_steps"], run["pipeline_batches"]
-        ends = [time.perf_counter() for _ in zip(range(warmup + batches), pipeline)]
+        batches = range(warmup + run["pipeline_batches"])
+        ends = [time.perf_counter() for _ in zip(batches, pipeline)]
         facts = {"pipeline": summary([np.diff(ends[warmup - 1 :])], batch_size)}
         network = build(model, config, images)  # end to end first: its trace fits both
         runs = {"end_to_end": (network, pipeline), "compute": (network, fixed)}
@@ -174,22 +157,19 @@ def training_case(kind, model, config):
         keras.mixed_precision.set_global_policy("float32")
         facts = {"mixed_policy": policy}
     # Round 0 traces, untimed; later rounds alternate their order: a drift favours none.
-    seconds, warmup = {name: [] for name in runs}, run["warmup_steps"]
+    seconds = {name: [] for name in runs}
     for round_index in range(run["rounds"] + 1):
         for name in list(runs)[:: -1 if round_index % 2 else 1]:
             steps = warmup + (run["steps"] if round_index else 0)
-            timed = step_seconds(*runs[name], steps=steps)
-            if round_index:
-                seconds[name].append(timed[warmup:])
-    return {name: summary(seconds[name], batch_size) for name in runs} | facts
+            seconds[name].append(step_seconds(*runs[name], steps=steps)[warmup:])
+    return {name: summary(seconds[name][1:], batch_size) for name in runs} | facts
 
 
-def naive_case(kind, model, config):
+def naive_case(kind, model, config, images, labels):
     """The naive way, as the report did it: the whole set converted to float32, scaled
     and resized at once, then one `fit` on the arrays (which Keras copies whole)."""
     run = sizes(config)
     batch_size, image_size = run["batch_size"][model], run["image_size"][model]
-    images, labels = random_cifar(run["images"], config["SEED"])
     low, high = MODELS[model].VALUE_RANGE
     x = images.astype("float32") / 255.0 * (high - low) + low
     if image_size != data.NATIVE_SIZE:
@@ -206,7 +186,7 @@ def naive_case(kind, model, config):
 
 
 def run_case(case, config):
-    """Child side: run one case and print its result as the last stdout line."""
+    """Child side: one case on random CIFAR-10-shaped images, its result printed last."""
     kind, _, model = case.partition(":")
     kinds = {"streaming": training_case, "precision": training_case, "naive": naive_case}
     expected = f"--case={case}: expected {'|'.join(kinds)}:{'|'.join(MODELS)}"
@@ -215,7 +195,10 @@ def run_case(case, config):
         tf.config.experimental.set_memory_growth(gpu, True)
     training.seed_everything(config["SEED"])
     start, run = time.perf_counter(), sizes(config)
-    result = kinds[kind](kind, model, config)
+    rng, side = np.random.default_rng(config["SEED"]), data.NATIVE_SIZE
+    images = rng.integers(0, 256, (run["images"], side, side, 3), np.uint8)
+    labels = rng.integers(0, data.NUM_CLASSES, run["images"], dtype=np.int32)
+    result = kinds[kind](kind, model, config, images, labels)
     result.update(
         case=case, images=run["images"], image_size=run["image_size"][model],
         batch_size=run["batch_size"][model], case_seconds=time.perf_counter() - start,
@@ -316,7 +299,8 @@ def format_value(value, unit):
 
 
 def make_rows(config, run, cases):
-    """The table's rows, in the module docstring's steps 1-6."""
+    """The table's rows by step: 1. the pipeline alone, 2. compute only, 3. end to end,
+    4. peak memory, 5. the naive way, 6. mixed precision and XLA."""
     rows, images, quick = [], run["images"], config["QUICK"]
 
     def row(step, name, measure, of, value, unit, lower_bound=False, **facts):
@@ -362,7 +346,8 @@ def make_rows(config, run, cases):
             naive["stopped_at_limit"])  # fmt: skip
     for model in [model for model in MODELS if f"precision:{model}" in cases]:
         case = cases[f"precision:{model}"]  # --quick: the CNN's alone
-        row(6, "mixed_precision", f"compute only, {case['mixed_policy']} / float32",
+        policy = case.get("mixed_policy", "mixed precision")  # none if stopped
+        row(6, "mixed_precision", f"compute only, {policy} / float32",
             model, rate(case, "mixed", (case, "float32")), "x")  # fmt: skip
         if "xla" in case or model == "scratch_cnn":
             row(6, "xla", "compute only, XLA on / off (float32)", model,
@@ -392,10 +377,8 @@ def check_config(config):
     steps = 2 * config[quick + "WARMUP_STEPS"] + config[quick + "ROUNDS"]
     own = ["SCRATCH_BATCH_SIZE", "TRANSFER_BATCH_SIZE"]
     for name in ["QUICK_BATCH_SIZE"] if quick else own:
-        settings.require(
-            0 < config[name] * steps <= config[quick + "IMAGES"],
-            f"--{name.lower()}: must be positive, {steps} steps of it at most the images",
-        )
+        wrong = f"--{name.lower()}: must be positive, {steps} batches at most the images"
+        settings.require(0 < config[name] * steps <= config[quick + "IMAGES"], wrong)
 
 
 def main(argv):
