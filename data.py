@@ -1,6 +1,5 @@
-"""CIFAR-10, or class folders of one's own images, for every script: find it, read it
-safely, split it, and stream it through tf.data as uint8, augmented, resized and scaled
-a batch at a time. Run alone: counts per split, plots/samples.png and augmented.png.
+"""Every script's data, CIFAR-10 or class folders: found, read safely, split, streamed as
+uint8 through tf.data a batch at a time. Run alone: counts and two figures in plots/.
 
     python data.py                      # where the data came from, counts, figures
     python data.py --data_dir=~/data    # a folder with cifar-10-batches-py/ or .tar.gz
@@ -63,8 +62,7 @@ FOLDERS_LAYOUT = (
     "class folders (train/<class>/<images>, optionally test/, val/ or validation/ "
     "beside train/)"
 )
-# The C++ line TensorFlow logs for an image that does not decode: the error raised
-# instead names the file, in one line.
+# TensorFlow's C++ log lines about an image that does not decode: the error names it.
 DECODE_NOISE = (
     b"decode_image", b"OP_REQUIRES failed", b"Local rendezvous is aborting",
     b"Corrupt JPEG", b"Premature end", b"Improper call to JPEG library",
@@ -278,9 +276,8 @@ def list_split(split_dir, names, class_names):
 
 
 def list_class_folders(root, test_fraction):
-    """A class-folder dataset, listed and checked: classes are train/'s sub-folders; the
-    test set is test/, val/ or validation/ (the first there), else a stratified
-    `test_fraction` of train/."""
+    """Classes are train/'s sub-folders; the test set is test/, val/ or validation/ (the
+    first there), else a stratified `test_fraction` of train/."""
     root = Path(root).expanduser()
     train_dir = root / "train"
     class_names = tuple(folder.name for folder in visible_folders(train_dir))
@@ -335,9 +332,9 @@ def list_class_folders(root, test_fraction):
 
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
-    """uint8 (N, S, S, 3) RGB of `files` at S = `image_size`, squeezed square as Keras's
-    image_dataset_from_directory does, a chunk at a time into one array: memory grows with
-    the images at S, never with the photos' size. A bad file is a DataError naming it."""
+    """uint8 (N, S, S, 3) RGB of `files` squeezed square to S = `image_size`, as Keras's
+    image_dataset_from_directory does, a chunk at a time: memory never grows with the
+    photos' size. A bad file is a DataError naming it."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):
@@ -347,12 +344,11 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
         return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
     def decode_all():
-        decoded = tf.data.Dataset.from_tensor_slices(list(files)).map(
-            decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
+        paths = tf.data.Dataset.from_tensor_slices(list(files))
+        decoded = paths.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(chunk)
         done = 0
         try:
-            for batch in decoded.batch(chunk).prefetch(1):
+            for batch in decoded.prefetch(1):
                 images[done : done + len(batch)] = batch.numpy()
                 done += len(batch)
         except tf.errors.OpError:
@@ -445,8 +441,7 @@ def load_test_data(data_dir, image_size, test_fraction=TEST_FRACTION):
 
 def make_augmenter(translate=0.0, rotate=0.0, zoom=0.0, contrast=0.0, seed=0):
     """Keras layers for batches in [0, 255] at their stored side, None if all are off.
-    Reflect padding keeps shifted borders looking like image, not black bars; shifts are
-    whole pixels (nearest), so training images stay as sharp as the test images."""
+    Reflected borders look like image, not black bars; whole-pixel shifts stay sharp."""
     reflect = {"fill_mode": "reflect"}
     layers = []
     if translate:
@@ -468,11 +463,10 @@ def make_dataset(
     images, labels, *, batch_size, image_size, value_range, augmenter=None, flip="none",
     shuffle=False, seed=0, repeat=False, num_classes=NUM_CLASSES,
 ):  # fmt: skip
-    """A tf.data pipeline of (float32 images (B, S, S, 3) in `value_range`, one-hot
-    labels). The uint8 array is held once and only shuffled indices flow: each batch is
-    gathered, flipped, augmented at its stored side, resized to `image_size` and scaled
-    on its own. `flip`: "random" (a coin per image and pass), "alternate" (airbench's: a
-    coin per image in the first pass, then mirrored every other pass) or "none"."""
+    """(float32 images (B, S, S, 3) in `value_range`, one-hot labels), each batch gathered
+    from the uint8 array by index, then flipped, augmented, resized and scaled. `flip`:
+    "random" (a coin per image and pass), "alternate" (airbench's: the first pass's coins,
+    then mirrored every other pass) or "none"."""
     images = np.asarray(images, dtype=np.uint8)
     side, low, high = images.shape[1], *value_range
     labels = tf.convert_to_tensor(labels, dtype=tf.int32)
@@ -489,10 +483,9 @@ def make_dataset(
                     [len(labels)], tf.stack([tf.constant(seed, tf.int64), pass_number]),
                     0, 2, tf.int64,
                 )  # fmt: skip
-                mirrored = tf.gather(coins_now, index)
             else:
-                mirrored = (tf.gather(coins, index) + pass_number) % 2
-            mirrored = tf.reshape(tf.cast(mirrored, tf.bool), (-1, 1, 1, 1))
+                coins_now = (coins + pass_number) % 2
+            mirrored = tf.cast(tf.gather(coins_now, index), tf.bool)[:, None, None, None]
             batch = tf.where(mirrored, tf.reverse(batch, [2]), batch)
         if augmenter is not None:
             batch = augmenter(batch, training=True)
@@ -555,9 +548,8 @@ def pipelines_for(config, value_range, replicas=1):
         "value_range": value_range, "num_classes": len(class_names),
     }  # fmt: skip
     train = make_dataset(
-        x_train, y_train, **batches, augmenter=augmenter_for(config),
-        flip=config["AUGMENT_FLIP"], shuffle=True, seed=config["SEED"],
-        repeat=bool(fixed_steps),
+        x_train, y_train, **batches, augmenter=augmenter_for(config), shuffle=True,
+        flip=config["AUGMENT_FLIP"], seed=config["SEED"], repeat=bool(fixed_steps),
     )  # fmt: skip
     return Pipelines(
         train=train,
@@ -585,17 +577,28 @@ def save_figures(images, labels, config, class_names, title):
     matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
 
-    plots_dir = Path(config["PLOTS_DIR"])
+    plots_dir, size = Path(config["PLOTS_DIR"]), config["FIGURE_SIZE"]
     plots_dir.mkdir(parents=True, exist_ok=True)
+    augmented, _ = next(iter(make_dataset(  # unshuffled: in the order of `labels`
+        images, labels, batch_size=len(labels), image_size=size, value_range=(0.0, 1.0),
+        augmenter=augmenter_for(config), flip=config["AUGMENT_FLIP"], seed=config["SEED"],
+        num_classes=len(class_names),
+    )))  # fmt: skip
+    side = images.shape[1]
+    samples = f"{title}: random training images ({side}x{side})"
+    resized = f"The same images augmented and resized to {size}x{size}"
     columns = min(8, len(labels))
     rows = -(-len(labels) // columns)
-    figsize = (1.6 * columns, 1.8 * rows)
-
-    def draw(name, pictures, picture_labels, heading):
-        figure, axes = plt.subplots(rows, columns, figsize=figsize, squeeze=False)
+    for name, pictures, heading in (
+        ("samples.png", images, samples),
+        ("augmented.png", augmented.numpy(), resized),
+    ):
+        figure, axes = plt.subplots(
+            rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False
+        )
         for axis in axes.flat:
             axis.axis("off")
-        for axis, picture, label in zip(axes.flat, pictures, picture_labels):
+        for axis, picture, label in zip(axes.flat, pictures, labels):
             axis.imshow(picture)
             axis.set_title(class_names[label], fontsize=9)
         figure.suptitle(heading)
@@ -604,23 +607,11 @@ def save_figures(images, labels, config, class_names, title):
         plt.close(figure)
         print(f"wrote {plots_dir / name}")
 
-    augmented, onehot = next(iter(make_dataset(
-        images, labels, batch_size=len(labels), image_size=config["FIGURE_SIZE"],
-        value_range=(0.0, 1.0), augmenter=augmenter_for(config),
-        flip=config["AUGMENT_FLIP"], seed=config["SEED"], num_classes=len(class_names),
-    )))  # fmt: skip
-    side, size = images.shape[1], config["FIGURE_SIZE"]
-    samples = f"{title}: random training images ({side}x{side})"
-    resized = f"The same images augmented and resized to {size}x{size}"
-    draw("samples.png", images, labels, samples)
-    draw("augmented.png", augmented.numpy(), onehot.numpy().argmax(1), resized)
-
 
 def main(argv):
     config = training.configure(CONFIG, argv)
     check_config(config)
-    # Class folders are decoded at the augmented figure's size: every image is
-    # checked here as training would check it.
+    # Class folders decode at FIGURE_SIZE: every image is checked as training would.
     x_train, y_train, _, y_val, _, y_test, class_names, source = load_data(
         config, config["FIGURE_SIZE"]
     )
