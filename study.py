@@ -1,5 +1,6 @@
-"""Sweeps of one or two settings of the training scripts over seeds, each point a run of
-the real script; a figure with confidence intervals, a CSV and a Markdown table.
+"""Sweeps of one or two training settings over seeds into a figure with confidence
+intervals, a CSV and a Markdown table. Each point is a run of the real script keyed on
+its settings, seed and code, which a rerun skips, resumes or retries (README, Studies).
 
     python study.py data_efficiency                   # a preset (listed below)
     python study.py data_efficiency --alpha=1.0 --epochs=5   # settings for its runs
@@ -7,10 +8,6 @@ the real script; a figure with confidence intervals, a CSV and a Markdown table.
     python study.py data_efficiency --commands        # a command per unfinished point
     python study.py scratch_cnn.py --sweep=train_images:1000,5000 --seeds=0,1,2
     python study.py transfer_mobilenetv2.py --sweep alpha:0.35,1.0 --sweep img_size:96,128
-
-A point is a run folder keyed on its settings, seed and code: a rerun skips finished
-points, resumes interrupted ones, retries failed ones (README, Studies). Exit codes: 0
-done, 1 a point failed (the others ran), 2 bad command line, 130 interrupted.
 """
 
 import fcntl
@@ -87,8 +84,7 @@ def as_flag(name, value):
 
 
 # ---------------------------------------------------------------------------------
-# Presets: a function per study, its docstring the question the figure answers; returns
-# {"fixed": {script: settings}, "sweeps"} and optionally "study" settings and a "budget"
+# Presets: a function per study, its docstring the question the figure answers
 
 
 def fair_budget(run, study):
@@ -207,6 +203,9 @@ def parse_command_line(argv):
     study |= {"fixed": fixed, "flags": " ".join(flags) or "each script's defaults"}
     argv = names + [f"--{f}={t}" for f, t in pairs if f not in STUDY_ACTIONS]
     study |= {"seeds": list(dict.fromkeys(map(int, seeds))), "argv": argv}
+    public = [f"--{f}={t}" for f, t in pairs if f not in (*STUDY_ACTIONS, *PLACES)]
+    public = [Path(name).name for name in names] + public  # no paths of this machine
+    study["command"] = shlex.join(["python", "study.py", *public])
     return study | {"budget": preset.get("budget"), "level": f"{config['INTERVAL']:.0%}"}
 
 
@@ -251,6 +250,7 @@ def state(point, export=False):
     others = [f for f in others if f != point["dir"] and settings.list_runs(f, stem, 1)]
     done = run is not None and (not export or (run / EXPORTED).is_file())
     found = {"run": run, "done": done, "resume": resume, "other_code": bool(others)}
+    found["error"] = attempts[-1]["error"] if attempts else ""  # "" unless it failed
     spent = sum(attempt["seconds"] for attempt in attempts)
     return found | {"runs": finished + unfinished, "attempts": attempts, "seconds": spent}
 
@@ -362,35 +362,34 @@ def dry_run(study, points):
     metric = study["metrics"][0]
     states = [state(point, study["config"]["EXPORT"]) for point in points]
     timed = [(p, s["seconds"]) for p, s in zip(points, states) if s["done"]]
-    total, counted, left, redo = 0.0, 0, 0, 0
+    total, counted = 0.0, 0
     print(f"study {study['name']}: {len(points)} points in {study['root']}")
     for point, found in zip(points, states):
-        holder, attempts = claim_point(point["dir"], take=False)[1], found["attempts"]
         text = "to export" if found["run"] else "to run"
         text += " (finished with other code)" * found["other_code"]
         if found["done"]:
             value = number(read_metrics(found["run"]).get(metric))
             text = f"finished  {label(metric)} {value} ({found['seconds']:.0f} s)"
-        elif holder:
+        elif holder := claim_point(point["dir"], take=False)[1]:
             text = f"running   claimed by {holder}"
-        elif attempts and attempts[-1]["outcome"] == "failed":
-            text = f"failed    {attempts[-1]['error']}"
+        elif found["error"]:
+            text = f"failed    {found['error']}"
         elif found["resume"]:
             text = f"resumes   {found['resume'].name}"
         print(f"  {point['title']:<64} {text}")
         mine = [(p["swept"], s) for p, s in timed if p["script"] == point["script"]]
         same = [s for swept, s in mine if swept == point["swept"]] or [s for _, s in mine]
-        if not found["done"]:
-            total, counted = total + sum(same) / max(len(same), 1), counted + bool(same)
-            left, redo = left + 1, redo + found["other_code"]
+        if not found["done"] and same:  # the mean time of like points
+            total, counted = total + sum(same) / len(same), counted + 1
+    unfinished = [found["other_code"] for found in states if not found["done"]]
+    left, redo = len(unfinished), sum(unfinished)
     print(f"{len(points) - left} finished, {left} to run ({redo} with other code, rerun)")
     hours = f"{total / 3600:.1f} h" if total > 3600 else f"{total / 60:.1f} min"
-    basis = f"ESTIMATE (from {len(timed)} finished points, not a measurement): about "
-    estimate = f"{hours} for {counted} of {left} unfinished points, one at a time"
     if left and not timed:
         print("ESTIMATE: cannot estimate yet: no finished point to time")
     elif left:
-        print(basis + estimate)
+        basis = f"ESTIMATE (from {len(timed)} finished points, not a measurement): about "
+        print(f"{basis}{hours} for {counted} of {left} unfinished points, one at a time")
 
 
 # ---------------------------------------------------------------------------------
@@ -471,10 +470,10 @@ def markdown(study, runs, summary, points):
     seeds = ", ".join(map(str, study["seeds"]))
     stats = f"the mean over seeds {seeds}, standard deviation (sd), number of runs (n)"
     stats += f" and the {level} confidence interval of the mean (Student's t, n - 1 d.f.)"
-    unfinished = [(p, s["attempts"]) for p, s in zip(points, states) if not s["done"]]
+    unfinished = [(p["id"], s["error"]) for p, s in zip(points, states) if not s["done"]]
     lines = [
         f"# Study: {name}\n\n**{study['question'] or ', '.join(map(label, metrics))}**\n",
-        f"Reproduce: `{reproduce(study)}` (with --data_dir for the data)\n",
+        f"Reproduce: `{study['command']}` (with --data_dir for the data)\n",
         f"- data: {'; '.join(sorted(set(runs['data'])))}",
         f"- per point: {stats}",
         f"- settings given to every run: {study['flags']}; budget: {budget}",
@@ -482,12 +481,11 @@ def markdown(study, runs, summary, points):
         f"- CPU: {'; '.join(sorted(cpus)) or 'not recorded'}",
         f"- every run: study_{name}.csv; figure: study_{name}.png\n",
         settings.markdown_table(header + ["code", "wall s per run"], rows),
-        *[f"\nUnfinished points ({len(unfinished)}):\n"][: len(unfinished)],
     ]
-    for point, attempts in unfinished:
-        failed = attempts and attempts[-1]["outcome"] == "failed"
-        error = f": failed: {attempts[-1]['error']}" if failed else ""
-        lines.append(f"- `{point['id']}`{error}")
+    if unfinished:
+        lines.append(f"\nUnfinished points ({len(unfinished)}):\n")
+    for point, error in unfinished:
+        lines.append(f"- `{point}`" + f": failed: {error}" * bool(error))
     return "\n".join(lines) + "\n"
 
 
@@ -539,20 +537,13 @@ def draw(study, runs, summary):
         f"Settings: {study['flags']}."
     )
     title = study["question"] or f"{label(metrics[0])} against {x_label}"
-    footer = reproduce(study)
-    footer += f"; {len(runs)} runs; code {' '.join(sorted(set(runs['code'])))}"
+    footer = f"{study['command']}; {len(runs)} runs; "
+    footer += f"code {' '.join(sorted(set(runs['code'])))}"
     figure.text(0.01, 0.985, title, fontsize=10.5, fontweight="bold", va="top")
     figure.text(0.01, 0.935, textwrap.fill(subtitle, 135), fontsize=8, va="top")
     figure.text(0.01, 0.01, textwrap.fill(footer, 150), fontsize=6.5, color="0.4")
     figure.subplots_adjust(left=0.1, right=0.97, top=0.84, bottom=0.16)
     return figure
-
-
-def reproduce(study):
-    """The study's command line as published: no paths of this machine."""
-    args = [arg if arg[:2] == "--" else Path(arg).name for arg in study["argv"]]
-    args = [arg for arg in args if arg[2:].split("=")[0] not in PLACES]
-    return shlex.join(["python", "study.py", *args])
 
 
 def report(study, points):
