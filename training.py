@@ -572,10 +572,9 @@ def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
     """Test the best checkpoint once and write metrics.json, which marks the run
     finished, then remove the backup. test_accuracy is at level `tta`, each lower
     level's beside it, so runs of different settings compare alike."""
-    checkpoint = run_dir / "model.keras"
-    if not checkpoint.is_file():
-        model.save(checkpoint)
-    best = keras.models.load_model(checkpoint, compile=False)
+    if not (run_dir / "model.keras").is_file():
+        model.save(run_dir / "model.keras")
+    best = load_checkpoint(run_dir)
     levels, labels = predict_tta(best, test_data, tta)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     accuracy = {
