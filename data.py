@@ -521,13 +521,12 @@ def augmenter_for(config):
 class Pipelines(NamedTuple):
     """A training script's data: three pipelines and the counts its training needs."""
 
-    train: tf.data.Dataset  # shuffled and augmented; repeated when STEPS_PER_EPOCH is set
+    train: tf.data.Dataset  # shuffled, augmented, repeated: one iterator for every epoch
     validation: tf.data.Dataset
     test: tf.data.Dataset
     sizes: dict  # images per split: {"train": ..., "validation": ..., "test": ...}
     batch_size: int  # images per step, all replicas together
-    steps_per_epoch: int  # batches per epoch, for learning-rate schedules
-    fit_steps: int | None  # for model.fit: None = each epoch runs the whole set once
+    steps_per_epoch: int  # batches per epoch: one pass, or STEPS_PER_EPOCH if set
     images_per_epoch: int
     source: str  # where the data came from
     class_names: tuple  # label i is class_names[i]; the model needs len() outputs
@@ -549,7 +548,7 @@ def pipelines_for(config, value_range, replicas=1):
     }  # fmt: skip
     train = make_dataset(
         x_train, y_train, **batches, augmenter=augmenter_for(config), shuffle=True,
-        flip=config["AUGMENT_FLIP"], seed=config["SEED"], repeat=bool(fixed_steps),
+        flip=config["AUGMENT_FLIP"], seed=config["SEED"], repeat=True,
     )  # fmt: skip
     return Pipelines(
         train=train,
@@ -558,7 +557,6 @@ def pipelines_for(config, value_range, replicas=1):
         sizes={"train": len(y_train), "validation": len(y_val), "test": len(y_test)},
         batch_size=batch_size,
         steps_per_epoch=fixed_steps or -(-len(y_train) // batch_size),
-        fit_steps=fixed_steps or None,
         images_per_epoch=fixed_steps * batch_size if fixed_steps else len(y_train),
         source=source,
         class_names=class_names,

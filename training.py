@@ -494,9 +494,12 @@ def fit(
     # so a later phase without a backup would start where the previous one was restored.
     model._initial_epoch = None
     try:
+        # With steps_per_epoch, Keras keeps one iterator of the repeated training data
+        # for the whole fit. Without it, Keras 3.15.1 makes one an epoch, and tearing
+        # the old one down waits for its tf.data autotuning thread: an idle stall.
         model.fit(
             pipelines.train, validation_data=pipelines.validation, epochs=epochs,
-            initial_epoch=initial_epoch, steps_per_epoch=pipelines.fit_steps,
+            initial_epoch=initial_epoch, steps_per_epoch=pipelines.steps_per_epoch,
             callbacks=callbacks, shuffle=False, verbose=verbose,
         )  # fmt: skip
     except KeyboardInterrupt:

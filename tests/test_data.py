@@ -31,6 +31,7 @@ from conftest import (
     run_script,
     write_batch,
 )
+import tensorflow as tf
 from PIL import Image
 
 import data
@@ -813,14 +814,22 @@ def test_batch_is_at_most_an_eighth_of_the_training_images(cifar_dir):
     pipelines = data.pipelines_for(config, (0.0, 1.0))
     assert pipelines.sizes == {"train": 160, "validation": 40, "test": 100}
     assert pipelines.batch_size == 20
-    assert pipelines.steps_per_epoch == 8 and pipelines.fit_steps is None
+    assert pipelines.steps_per_epoch == 8
     assert pipelines.images_per_epoch == 160
     assert pipelines.train_images.shape == (160, 32, 32, 3)
     assert pipelines.train_images.dtype == np.uint8
     for dataset in (pipelines.train, pipelines.validation, pipelines.test):
         images, onehot = next(iter(dataset))
         assert images.shape == (20, 32, 32, 3) and onehot.shape == (20, 10)
-    assert len(list(pipelines.train)) == 8
+    # The training data repeats, so that model.fit keeps one iterator for every epoch
+    # (a new one an epoch stalls); each epoch's 8 batches are one pass over the set.
+    assert pipelines.train.cardinality() == tf.data.INFINITE_CARDINALITY
+    passes = [
+        np.concatenate([onehot.numpy().argmax(1) for _, onehot in batches])
+        for batches in (pipelines.train.take(8), pipelines.train.skip(8).take(8))
+    ]
+    assert len(passes[0]) == len(passes[1]) == 160
+    np.testing.assert_array_equal(np.bincount(passes[0]), np.bincount(passes[1]))
     for batch_size, replicas, expected in ((16, 1, 16), (1024, 3, 21), (16, 3, 15)):
         config = pipelines_config(
             cifar_dir, TRAIN_IMAGES=200, VAL_FRACTION=0.2, BATCH_SIZE=batch_size
@@ -833,7 +842,7 @@ def test_batch_is_at_most_an_eighth_of_the_training_images(cifar_dir):
     config = pipelines_config(cifar_dir, TRAIN_IMAGES=200, STEPS_PER_EPOCH=3)
     pipelines = data.pipelines_for(config, (0.0, 1.0))
     assert pipelines.batch_size == 22  # 180 training images
-    assert pipelines.fit_steps == pipelines.steps_per_epoch == 3
+    assert pipelines.steps_per_epoch == 3
     assert pipelines.images_per_epoch == 66
     assert len(list(pipelines.train.take(20))) == 20
 
