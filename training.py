@@ -541,13 +541,13 @@ def load_checkpoint(run_dir):
 
 def predict_tta(model, dataset, tta="none"):
     """({level: probabilities}, one-hot labels) over an (images, labels) dataset, for
-    each test-time augmentation level up to `tta`: "none"; "flip", the mean with the
-    mirror images; "crops" (airbench's), half that and half the mean of two mirrored
-    1-pixel shifts. The model trained on flips and shifts: it knows every such view."""
-    images = dataset.map(lambda images, labels: images)
+    each level up to `tta`: "none"; "flip", the mean with the mirror images; "crops"
+    (airbench's), half that and half the mean of two mirrored 1-pixel shifts."""
+    plain = tf.autograph.experimental.do_not_convert  # AutoGraph rereads a lambda's file
+    images = dataset.map(plain(lambda images, labels: images))  # by line: an edit since
 
-    def predict(views, mirror=False):
-        views = views.map(lambda x: tf.reverse(x, [2])) if mirror else views
+    def predict(views, mirror=False):  # the run began would hand it another line
+        views = views.map(plain(lambda x: tf.reverse(x, [2]))) if mirror else views
         return model.predict(views, verbose=0)
 
     levels = {"none": predict(images)}
@@ -555,9 +555,9 @@ def predict_tta(model, dataset, tta="none"):
         levels["flip"] = (levels["none"] + predict(images, mirror=True)) / 2
     if tta == "crops":
         one_pixel = [[0, 0], [1, 1], [1, 1], [0, 0]]  # around each image of a batch
-        padded = images.map(lambda x: tf.pad(x, one_pixel, "REFLECT"))
-        top_left = padded.map(lambda x: x[:, :-2, :-2])  # one lambda a line: AutoGraph
-        bottom_right = padded.map(lambda x: x[:, 2:, 2:])  # finds each by its line
+        padded = images.map(plain(lambda x: tf.pad(x, one_pixel, "REFLECT")))
+        top_left = padded.map(plain(lambda x: x[:, :-2, :-2]))
+        bottom_right = padded.map(plain(lambda x: x[:, 2:, 2:]))
         crops = [top_left, bottom_right]
         views = [predict(view, mirror) for view in crops for mirror in (False, True)]
         levels["crops"] = levels["flip"] / 2 + sum(views) / 8

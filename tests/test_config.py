@@ -1,13 +1,15 @@
 """The override helper (--name=value against a config block), the exit code of a bad
 command line, run folders that are never reused, found by name, and atomic JSON."""
 
+import importlib.util
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import numpy as np
 import pytest
-from conftest import own_stderr_lines, run_script
+from conftest import REPO, own_stderr_lines, run_script
 
 import data
 import settings
@@ -310,3 +312,35 @@ def test_test_time_crops_run_converted_without_autograph_warnings(caplog):
         levels, _ = training.predict_tta(model, dataset, "crops")
     assert sorted(levels) == ["crops", "flip", "none"]
     assert not [r for r in caplog.records if "AutoGraph" in r.getMessage()]
+
+
+def test_test_time_views_come_from_the_code_in_memory_not_the_file_now(
+    tmp_path, monkeypatch
+):
+    """AutoGraph reads a map function's source again, by its line number, when the map
+    is made: a run testing its model after training.py was edited would be handed
+    another line's lambda. Each view must come from the code the run imported."""
+    import keras
+    import tensorflow as tf
+
+    copy = tmp_path / "training_as_imported.py"
+    copy.write_text((REPO / "training.py").read_text())
+    spec = importlib.util.spec_from_file_location("training_as_imported", copy)
+    imported = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, imported)  # imported as `import` does
+    spec.loader.exec_module(imported)
+    edited = [  # now edited: every line that held a lambda holds another one
+        line[: len(line) - len(line.lstrip())] + "other = lambda x: x" if "lambda" in line
+        else line for line in copy.read_text().splitlines()
+    ]  # fmt: skip
+    copy.write_text("\n".join(edited) + "\n")
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])  # fmt: skip
+    images = np.random.default_rng(0).random((6, 8, 8, 3), np.float32)
+    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(3)
+    levels, _ = imported.predict_tta(model, dataset, "crops")
+    expected, _ = training.predict_tta(model, dataset, "crops")
+    assert sorted(levels) == sorted(expected) == ["crops", "flip", "none"]
+    for level, probabilities in expected.items():
+        np.testing.assert_allclose(levels[level], probabilities, rtol=1e-6)
