@@ -26,6 +26,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -101,9 +102,24 @@ def runs_to_export(out_dir, chosen):
 # Model: the Keras model to each TensorFlow Lite form, and each form measured
 
 
+def in_float32(model):
+    """`model` computing in float32 throughout, with its weights: TensorFlow Lite cannot
+    convert the bfloat16 ops of a mixed-precision run (MIXED_PRECISION, "auto" on AMX)."""
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    copy = keras.models.clone_model(
+        model,
+        clone_function=lambda layer: layer.__class__.from_config(
+            {**layer.get_config(), "dtype": "float32"}
+        ),
+    )
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def convert(model, form, calibration):
     """The `form` of the Keras `model` as .tflite bytes, or a DataError naming it."""
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(in_float32(model))
     if form != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if form == "float16":

@@ -47,6 +47,14 @@ PALETTE = np.array(
 )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """Every test starts in float32: a run made in-process sets its own precision,
+    mixed_bfloat16 on a CPU with AMX, and Keras keeps that global policy."""
+    if "keras" in sys.modules:
+        sys.modules["keras"].mixed_precision.set_global_policy("float32")
+
+
 def make_images(labels, seed):
     """uint8 (N, 32, 32, 3) images whose colour and stripe give away the class."""
     rng = np.random.default_rng(seed)
@@ -166,10 +174,11 @@ def scratch_run(cifar_dir, runs_dir):
     """A finished tiny scratch_cnn run folder (trained in-process, once a session)."""
     import scratch_cnn
 
+    # float32 on every CPU ("auto" is bfloat16 with AMX): the same figures everywhere.
     return scratch_cnn.main(
         [f"--data_dir={cifar_dir}", f"--out_dir={runs_dir}", "--epochs=4", "--width=16"]
-        + TINY_RUN
-    )
+        + TINY_RUN + ["--mixed_precision=off"]
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

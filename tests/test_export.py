@@ -129,6 +129,31 @@ def test_float32_keeps_the_keras_accuracy_on_the_run_test_set(exported, script):
     assert float(rows["float32"]["agreement"]) >= 0.99
 
 
+def test_a_mixed_precision_model_converts_as_float32():
+    """A run trained in mixed_bfloat16 ("auto" on a CPU with AMX) has bfloat16 ops that
+    TensorFlow Lite cannot convert: its float32 form is made from a float32 copy."""
+    import keras
+
+    import scratch_cnn
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    images = np.random.default_rng(0).random((4, 32, 32, 3), np.float32)
+    model = scratch_cnn.build_model(
+        32, 8, 10, images.mean((0, 1, 2)), images.std((0, 1, 2))
+    )
+    keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("whiten").compute_dtype == "bfloat16"
+    interpreter = tf.lite.Interpreter(model_content=export.convert(model, "float32", []))
+    interpreter.allocate_tensors()
+    (given,), (taken,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.set_tensor(given["index"], images[:1])
+    interpreter.invoke()
+    expected = model(images[:1]).numpy()
+    np.testing.assert_allclose(
+        interpreter.get_tensor(taken["index"]), expected, atol=0.02
+    )
+
+
 def test_only_the_chosen_forms_are_made(exported):
     folder = exported["transfer"] / "export"
     assert sorted(path.name for path in folder.iterdir()) == [
