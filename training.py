@@ -543,10 +543,12 @@ def predict_tta(model, dataset, tta="none"):
     """({level: probabilities}, one-hot labels) over an (images, labels) dataset, for
     each level up to `tta`: "none"; "flip", the mean with the mirror images; "crops"
     (airbench's), half that and half the mean of two mirrored 1-pixel shifts."""
-    plain = tf.autograph.experimental.do_not_convert  # AutoGraph rereads a lambda's file
-    images = dataset.map(plain(lambda images, labels: images))  # by line: an edit since
+    # AutoGraph would reread each lambda's source by line number: after an edit of this
+    # file during a run, another line's lambda. These maps need none of its conversion.
+    plain = tf.autograph.experimental.do_not_convert
+    images = dataset.map(plain(lambda images, labels: images))
 
-    def predict(views, mirror=False):  # the run began would hand it another line
+    def predict(views, mirror=False):
         views = views.map(plain(lambda x: tf.reverse(x, [2]))) if mirror else views
         return model.predict(views, verbose=0)
 
