@@ -114,12 +114,11 @@ def load_cifar10(data_dir=""):
                 )
             return (*read_cifar10(source), str(source))
     datasets = keras_home() / "datasets"
-    # Where keras.datasets.cifar10 leaves the batches: Keras >= 3.6, then older ones.
-    for cached in (datasets / f"{BATCHES_FOLDER}-target", datasets):
-        if (cached / BATCHES_FOLDER / TEST_BATCH).exists():
-            return (*read_cifar10(cached / BATCHES_FOLDER), str(cached / BATCHES_FOLDER))
-    if (datasets / ARCHIVE_NAME).is_file():
-        return (*read_cifar10(datasets / ARCHIVE_NAME), str(datasets / ARCHIVE_NAME))
+    # Where keras.datasets.cifar10 keeps the batches (Keras >= 3.6, older), or the archive
+    cached = (f"{BATCHES_FOLDER}-target/{BATCHES_FOLDER}", BATCHES_FOLDER, ARCHIVE_NAME)
+    for where in (datasets / name for name in cached):
+        if (where / TEST_BATCH).exists() or where.is_file():
+            return (*read_cifar10(where), str(where))
     try:  # offline, Keras fails with a long traceback: say what to do instead
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # urllib, HTTP and archive errors all land here
@@ -213,24 +212,21 @@ def read_cifar10(source):
         except (tarfile.TarError, EOFError, OSError) as error:
             problem = f"unreadable archive ({type(error).__name__}: {error})"
             raise settings.DataError(f"{source}: {problem}; download it again") from None
-    *train, (test_images, test_labels) = batches
-    images, labels = (np.concatenate(part) for part in zip(*train))
-    return images, labels, test_images, test_labels
+    *train, test = batches  # train images and labels joined, then the test ones
+    return (*map(np.concatenate, zip(*train)), *test)
 
 
 # ---------------------------------------------------------------------------------
 # Class folders: one's own images, FOLDER/train/<class>/<images> (Keras's layout)
 
-# Listed and checked, not decoded: paths (str) sorted by class then name, int32 labels
-# indexing class_names (train/'s sub-folders, sorted), source (folder, test set origin).
+# Listed, not decoded: paths sorted by class then name; labels index class_names.
 ClassFolders = namedtuple(
     "ClassFolders", "train_files train_labels test_files test_labels class_names source"
 )
 
 
 def class_folders_root(data_dir):
-    """The folder of class folders `data_dir` names, or None for CIFAR-10 (whose batches
-    or archive win over a train/ folder); neither is a DataError saying what to do."""
+    """Root of the class folders `data_dir` names; None if no folder or if CIFAR-10."""
     path = Path(data_dir).expanduser() if data_dir else None
     if path is None or not path.is_dir() or find_source(path) is not None:
         return None
@@ -332,9 +328,8 @@ def list_class_folders(root, test_fraction):
 
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
-    """uint8 (N, S, S, 3) RGB of `files` squeezed square to S = `image_size`, as Keras's
-    image_dataset_from_directory does, a chunk at a time: memory never grows with the
-    photos' size. A bad file is a DataError naming it."""
+    """uint8 (N, S, S, 3) RGB of `files` squeezed square to S = `image_size`, as Keras
+    does, a chunk at a time: memory never grows with the photos' size."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):
@@ -408,17 +403,16 @@ def load_data(config, image_size):
     train_files, y_train, val_files, y_val = split(
         folders.train_files, folders.train_labels, *split_settings
     )
-    start = time.perf_counter()
+    y_test, start = folders.test_labels, time.perf_counter()
     x_train, x_val, x_test = (
         decode_images(files, image_size)
         for files in (train_files, val_files, folders.test_files)
     )
-    count = len(y_train) + len(y_val) + len(folders.test_labels)
     print(
-        f"decoded {count:,} images from {root} at {image_size}x{image_size} px "
-        f"in {time.perf_counter() - start:.1f} s"
+        f"decoded {len(y_train) + len(y_val) + len(y_test):,} images from {root} at "
+        f"{image_size}x{image_size} px in {time.perf_counter() - start:.1f} s"
     )
-    splits = x_train, y_train, x_val, y_val, x_test, folders.test_labels
+    splits = x_train, y_train, x_val, y_val, x_test, y_test
     return (*splits, folders.class_names, folders.source)
 
 
@@ -534,8 +528,7 @@ class Pipelines(NamedTuple):
 
 
 def pipelines_for(config, value_range, replicas=1):
-    """A training script's data from its config block (DATA_DIR split as load_data says)
-    in batches at IMG_SIZE scaled to `value_range`, of settings.batch_size images."""
+    """The Pipelines a training script's config asks for, scaled to `value_range`."""
     settings.check_data_settings(config)
     x_train, y_train, x_val, y_val, x_test, y_test, class_names, source = load_data(
         config, config["IMG_SIZE"]
@@ -570,10 +563,7 @@ def pipelines_for(config, value_range, replicas=1):
 
 def save_figures(images, labels, config, class_names, title):
     """Write plots/samples.png as stored, plots/augmented.png as a pipeline gives it."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: files only, never a window
 
     plots_dir, size = Path(config["PLOTS_DIR"]), config["FIGURE_SIZE"]
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -583,17 +573,15 @@ def save_figures(images, labels, config, class_names, title):
         num_classes=len(class_names),
     )))  # fmt: skip
     side = images.shape[1]
-    samples = f"{title}: random training images ({side}x{side})"
     resized = f"The same images augmented and resized to {size}x{size}"
     columns = min(8, len(labels))
     rows = -(-len(labels) // columns)
     for name, pictures, heading in (
-        ("samples.png", images, samples),
+        ("samples.png", images, f"{title}: random training images ({side}x{side})"),
         ("augmented.png", augmented.numpy(), resized),
     ):
-        figure, axes = plt.subplots(
-            rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False
-        )
+        figure = Figure(figsize=(1.6 * columns, 1.8 * rows))
+        axes = figure.subplots(rows, columns, squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
         for axis, picture, label in zip(axes.flat, pictures, labels):
@@ -602,7 +590,6 @@ def save_figures(images, labels, config, class_names, title):
         figure.suptitle(heading)
         figure.tight_layout()
         figure.savefig(plots_dir / name, dpi=100)
-        plt.close(figure)
         print(f"wrote {plots_dir / name}")
 
 
