@@ -1,6 +1,5 @@
-"""The plumbing both training scripts share: run folders and resume, seeds, devices and
-precision, the schedule, the callbacks that checkpoint, log, guard and back up each
-epoch, and the test evaluation. Hyperparameters live in the scripts' config blocks."""
+"""The plumbing both training scripts share: run folders and resume, devices, precision,
+the schedule, callbacks and the test evaluation. Hyperparameters live in the scripts."""
 
 import atexit
 import contextlib
@@ -23,7 +22,7 @@ import tensorflow as tf
 import settings
 
 MAY_CHANGE_ON_RESUME = ("RESUME", "VERBOSE", "OUT_DIR", "DATA_DIR")  # where, how loud
-HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead
+HEARTBEAT_TIMEOUT_MS = 300_000  # a worker silent this long is taken for dead (TF: 10 s)
 
 # ---------------------------------------------------------------------------------
 # Set-up: configuration, run folders and resume, seeds, devices and precision
@@ -56,9 +55,8 @@ def new_run_dir(out_dir, script):
 
 
 def configure_run(defaults, argv, script):
-    """(config, run_dir): `defaults` with `argv` applied, run_dir None for a new run.
-    --resume (a run folder, or "last": the newest unfinished run of `script`) gives the
-    run folder, checked first, and its saved settings; MAY_CHANGE_ON_RESUME may differ."""
+    """(config, run_dir): `defaults` with `argv` applied, run_dir None for a new run; or
+    --resume's run folder (or "last" unfinished one), checked, with its saved settings."""
     config = settings.parse_overrides(defaults, argv)
     resume, out_dir = config["RESUME"], config["OUT_DIR"]
     if not resume:
@@ -79,28 +77,25 @@ def configure_run(defaults, argv, script):
             not (run_dir / "metrics.json").is_file(),
             f"--resume={resume}: that run has finished (metrics.json exists)",
         )
-    check_resumable(run_dir, script)
-    overridden = [name for name in config if config[name] != defaults[name]]
-    changed = [name for name in overridden if name not in MAY_CHANGE_ON_RESUME]
+    saved = check_resumable(run_dir, script)
+    given = {name: value for name, value in config.items() if value != defaults[name]}
+    changed = [name for name in given if name not in MAY_CHANGE_ON_RESUME]
     settings.require(
         not changed,
         f"a resumed run keeps its saved settings; drop --{', --'.join(changed).lower()}",
     )
-    saved = settings.read_json(run_dir / "config.json")["config"]
-    given = {name: config[name] for name in overridden if name in MAY_CHANGE_ON_RESUME}
     config = {**defaults, **saved, **given, "RESUME": resume}
     print(f"resuming {run_dir} with its saved settings:")
     settings.print_config(config, defaults)
     if not cluster_task()[1]:  # a worker goes on from a temporary copy; the chief writes
-        run_dir = shutil.copytree(
-            run_dir, new_run_dir(out_dir, script), dirs_exist_ok=True
-        )
+        copy = new_run_dir(out_dir, script)
+        run_dir = shutil.copytree(run_dir, copy, dirs_exist_ok=True)
     return config, run_dir
 
 
 def check_resumable(run_dir, script):
-    """Raise DataError (exit 3) naming the first file of `run_dir` a resume of `script`
-    could not safely go on from: another script's, damaged, truncated or holding NaN."""
+    """The saved config of `run_dir`; else a DataError (exit 3) naming its first file a
+    resume of `script` could not go on from: another script's, damaged or holding NaN."""
     cannot = "this run cannot be resumed; start a new one"
     path = run_dir / "config.json"
     try:
@@ -136,11 +131,9 @@ def check_resumable(run_dir, script):
             with h5py.File(path, "r") as file:
                 items = []  # every group and array in the file
                 file.visititems(lambda name, item: items.append(item))
-                finite = all(
-                    np.isfinite(item[()]).all()
-                    for item in items
-                    if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
-                )
+                arrays = [item for item in items if isinstance(item, h5py.Dataset)]
+                floats = [array[()] for array in arrays if array.dtype.kind == "f"]
+                finite = all(np.isfinite(values).all() for values in floats)
         except (OSError, ValueError, KeyError):
             raise settings.DataError(f"{path}: damaged or truncated; {cannot}") from None
         if not finite:
@@ -148,6 +141,7 @@ def check_resumable(run_dir, script):
                 f"{path}: holds NaN or inf weights (the run diverged); resuming would "
                 f"train on from them. Start a new run with a lower learning rate"
             )
+    return saved_config
 
 
 def save_run_config(run_dir, script, config, data_source, **extra):
@@ -174,12 +168,12 @@ def gpu_names():
 
 
 def cluster_task():
-    """(workers, chief): the chief and worker tasks TF_CONFIG's cluster names (0 without
-    it), and whether this process is the chief ("chief", else worker 0, as TF decides)."""
+    """(jobs, chief): the number of tasks of each job, chief and worker, TF_CONFIG's
+    cluster names, and whether this process is the chief ("chief", else worker 0)."""
     try:
         tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
         cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
-        workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+        jobs = {job: len(cluster[job]) for job in ("chief", "worker") if cluster.get(job)}
     except (ValueError, AttributeError, TypeError) as error:
         raise settings.ConfigError(
             f"TF_CONFIG must be JSON with a cluster and a task, as docs/multi-worker.md "
@@ -188,13 +182,12 @@ def cluster_task():
     chief = task.get("type") == "chief" or (
         task.get("type") == "worker" and task.get("index") == 0 and "chief" not in cluster
     )
-    return workers, chief or workers <= 1
+    return jobs, chief or sum(jobs.values()) <= 1
 
 
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """MultiWorkerMirroredStrategy as Keras 3's fit calls it (keras-team/keras#20585):
-    fit reduces a nest in one call and each step's scalar metrics "over axis 0"; here
-    a nest is reduced a tensor at a time, and scalars over the replicas."""
+    reducing a nest a tensor at a time, and scalar metrics over replicas, not axis 0."""
 
     def reduce(self, reduce_op, value, axis=None):
         def reduce_one(one):
@@ -208,25 +201,21 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
 
 def distribution_strategy():
-    """MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
-    MirroredStrategy over several GPUs, else the default. Call it first thing: a
-    multi-worker strategy must exist before any tensor does."""
-    if cluster_task()[0] > 1:
-        # The coordination service as the strategy sets it up, with a longer heartbeat
-        # timeout: TensorFlow's 10 s takes a worker slowed by other work for dead.
+    """The multi-worker, several-GPU or default strategy; make it before any tensor."""
+    jobs = cluster_task()[0]
+    if sum(jobs.values()) > 1:
+        # The coordination service as the strategy sets it up, with a longer heartbeat.
         from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import (
             CoordinatedJob,
         )
         from tensorflow.python.eager import context
 
-        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
-        jobs = [job for job in ("chief", "worker") if cluster.get(job)]
         context.context().configure_coordination_service(
             service_type="standalone",
-            service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+            service_leader=f"/job:{list(jobs)[0]}/replica:0/task:0",
             heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_MS,
             coordinated_jobs=[
-                CoordinatedJob(name=job, num_tasks=len(cluster[job])) for job in jobs
+                CoordinatedJob(name=job, num_tasks=tasks) for job, tasks in jobs.items()
             ],
         )
         return MultiWorkerStrategy()
@@ -237,23 +226,18 @@ def distribution_strategy():
 
 
 def precision_policy(mixed_precision, replicas, gpus, cpu_flags=()):
-    """The Keras dtype policy for MIXED_PRECISION ("off", "on", or "auto": "on" on GPUs
-    and AMX CPUs). Several replicas take bfloat16, which needs no loss scaling: Keras
-    3.15.1's LossScaleOptimizer judges an overflow from the first replica alone."""
-    if mixed_precision == "off" or (
-        mixed_precision == "auto" and not gpus and "amx_bf16" not in cpu_flags
-    ):
+    """The dtype policy for MIXED_PRECISION ("auto": "on" on GPUs and AMX CPUs). Several
+    replicas take bfloat16: Keras 3.15.1's loss scaling sees the first replica alone."""
+    fast_hardware = gpus or "amx_bf16" in cpu_flags
+    if mixed_precision == "off" or (mixed_precision == "auto" and not fast_hardware):
         return "float32"
     return "mixed_float16" if gpus and replicas == 1 else "mixed_bfloat16"
 
 
 def set_precision(mixed_precision, strategy):
-    """Set and return the global dtype policy, before the model is built. BatchNorm,
-    the softmax output and the loss stay float32 under either mixed policy."""
-    policy = precision_policy(
-        mixed_precision, strategy.num_replicas_in_sync,
-        tf.config.list_logical_devices("GPU"), settings.cpu_flags(),
-    )  # fmt: skip
+    """Set and return the global dtype policy; call it before the model is built."""
+    replicas, gpus = strategy.num_replicas_in_sync, tf.config.list_logical_devices("GPU")
+    policy = precision_policy(mixed_precision, replicas, gpus, settings.cpu_flags())
     keras.mixed_precision.set_global_policy(policy)
     if policy != "float32":
         print(f"precision: {policy}")
@@ -317,9 +301,8 @@ class Bias(keras.layers.Layer):
 
 
 def compile_model(model, optimizer, label_smoothing, jit_compile):
-    """Compile for one-hot labels (again in a phase that changes what is trainable).
-    The metric object and the optimizer's build are here: Keras 3.15 would create both
-    inside the first trace of the train step, which TensorFlow then traces again."""
+    """Compile for one-hot labels, with the metric and the optimizer built here: Keras
+    3.15 would create both inside the train step's first trace, then traced again."""
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
@@ -343,31 +326,27 @@ class Diverged(Exception):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Raise Diverged at the first NaN or inf loss, or at an epoch's end with a
-    non-finite validation loss, weight or optimizer state. Placed before the callbacks
-    that write, so a diverged epoch writes nothing (Keras 3.15.1's TerminateOnNaN stops
-    only once the epoch ends, and BackupAndRestore then saves NaN weights)."""
+    """Raise Diverged at a NaN or inf loss, weight or optimizer state, before the
+    callbacks that write, so a diverged epoch writes nothing (Keras 3.15.1's
+    TerminateOnNaN waits for the epoch's end, when BackupAndRestore saves NaN weights)."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(float(loss)):
+        if not np.isfinite(float((logs or {}).get("loss", 0.0))):
             raise Diverged(self.epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        values = [(logs or {}).get(name) for name in ("loss", "val_loss")]
-        arrays = [value for value in values if value is not None]
+        arrays = [logs[name] for name in ("loss", "val_loss") if name in (logs or {})]
         arrays += [v.numpy() for v in self.model.weights + self.model.optimizer.variables]
         if not all(np.isfinite(array).all() for array in arrays):
             raise Diverged(epoch)
 
 
 class Checkpoint(keras.callbacks.ModelCheckpoint):
-    """model.keras, the best epoch by val_accuracy, written whole or not at all (Keras
-    3.15.1 writes it in place, so a crash mid-write would leave a truncated file where
-    the best model was): saved as model.partial.keras, then renamed over it."""
+    """model.keras, the best epoch by val_accuracy, saved as model.partial.keras and
+    renamed: Keras 3.15.1 writes in place, and a crash would truncate the best model."""
 
     def __init__(self, path, best):
         self.path = Path(path)
@@ -387,10 +366,9 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras's resume state (weights, optimizer state, epoch) in backup/<phase>, each
-    file written under a temporary name and renamed, weights first: Keras 3.15.1 writes
-    both in place, and a half-written training_metadata.json stops a resume even with
-    double_checkpoint. Last in the callbacks: an epoch is done once all else is saved."""
+    """Keras's resume state in backup/<phase>, each file written under a temporary name
+    and renamed, weights first: Keras 3.15.1 writes in place, and a half-written file
+    stops a resume. Last in the callbacks: an epoch is done once all else is saved."""
 
     def on_epoch_end(self, epoch, logs=None):
         weights = Path(self._weights_path)
@@ -403,8 +381,7 @@ class Backup(keras.callbacks.BackupAndRestore):
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
-    """Early stopping on val_accuracy across a resume: Keras 3.15.1 resets it in
-    on_train_begin, so this replays `earlier_rows`, the phase's rows in history.csv."""
+    """Early stopping across a resume: Keras resets it, so it replays `earlier_rows`."""
 
     def __init__(self, patience, earlier_rows):
         super().__init__(monitor="val_accuracy", mode="max", patience=patience)
@@ -417,8 +394,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class History(keras.callbacks.CSVLogger):
-    """history.csv, one row per epoch written as it ends, with the training phase, the
-    epoch's wall time and its training throughput (validation excluded)."""
+    """history.csv, a row per epoch as it ends, with its phase, seconds and images/s."""
 
     def __init__(self, filename, phase, images_per_epoch):
         super().__init__(str(filename), append=True)
@@ -456,22 +432,19 @@ def fit(
     model, pipelines, run_dir, *, phase, epochs, initial_epoch=0,
     early_stopping_patience=0, verbose=1, callbacks=(),
 ):  # fmt: skip
-    """`model.fit` from `initial_epoch` to `epochs` with `callbacks`, then the run's.
-    Called again, it goes on from backup/<phase>, drops the history rows the backup
-    does not hold, and early stopping counts the phase's earlier epochs. Ctrl-C raises
-    Interrupted, with the resume command; divergence a ConfigError."""
+    """`model.fit` with `callbacks`, then the run's. Called again, it goes on from
+    backup/<phase>, drops the history rows the backup lacks, and early stopping counts
+    the phase's earlier epochs. Ctrl-C raises Interrupted; divergence, ConfigError."""
     run_dir = Path(run_dir)
     backup_dir = run_dir / "backup" / phase
     metadata = backup_dir / "training_metadata.json"
     start = settings.read_json(metadata)["epoch"] if metadata.is_file() else initial_epoch
     history = history_frame(run_dir)
-    # model.keras may come from a row about to be dropped (it is written before the
-    # row): a later epoch must beat that row too.
+    # model.keras may come from a row about to be dropped: a later epoch must beat it.
     best = float(history["val_accuracy"].max()) if len(history) else None
     if len(history):  # drop the rows the backup does not hold, and any half-written one
         kept = history[(history["phase"] != phase) | (history["epoch"] < start)]
-        rows = len((run_dir / "history.csv").read_text().splitlines()) - 1
-        if len(kept) < rows:
+        if len(kept) < len((run_dir / "history.csv").read_text().splitlines()) - 1:
             settings.write_text(run_dir / "history.csv", kept.to_csv(index=False))
     callbacks = [
         *callbacks,
@@ -494,9 +467,8 @@ def fit(
     # so a later phase without a backup would start where the previous one was restored.
     model._initial_epoch = None
     try:
-        # With steps_per_epoch, Keras keeps one iterator of the repeated training data
-        # for the whole fit. Without it, Keras 3.15.1 makes one an epoch, and tearing
-        # the old one down waits for its tf.data autotuning thread: an idle stall.
+        # steps_per_epoch keeps one iterator for the whole fit: Keras 3.15.1 otherwise
+        # makes one an epoch, and tearing one down waits for its tf.data autotuning.
         model.fit(
             pipelines.train, validation_data=pipelines.validation, epochs=epochs,
             initial_epoch=initial_epoch, steps_per_epoch=pipelines.steps_per_epoch,
@@ -508,15 +480,12 @@ def fit(
             f"Resume with: python {run_dir.parent.name}.py --resume={run_dir}"
         ) from None
     except Diverged as diverged:
-        (epoch,) = diverged.args
         done = len(history_frame(run_dir))
-        kept = (
-            f"its state after epoch {done}, the last finite one, is kept in {run_dir}"
-            if done
-            else f"it had finished no epoch ({run_dir})"
-        )
+        kept = f"its state after epoch {done}, the last finite one, is kept in {run_dir}"
+        if not done:
+            kept = f"it had finished no epoch ({run_dir})"
         raise settings.ConfigError(
-            f"training diverged in epoch {epoch + 1} (NaN or inf); {kept}. "
+            f"training diverged in epoch {diverged.args[0] + 1} (NaN or inf); {kept}. "
             f"Start a new run with a lower learning rate"
         ) from None
 
@@ -540,9 +509,8 @@ def load_checkpoint(run_dir):
 
 
 def predict_tta(model, dataset, tta="none"):
-    """({level: probabilities}, one-hot labels) over an (images, labels) dataset, for
-    each level up to `tta`: "none"; "flip", the mean with the mirror images; "crops"
-    (airbench's), half that and half the mean of two mirrored 1-pixel shifts."""
+    """({level: probabilities}, one-hot labels) for each test-time augmentation level up
+    to `tta`: "none", "flip" (with mirror images), airbench's "crops" (1-pixel shifts)."""
     # AutoGraph would reread each lambda's source by line number: after an edit of this
     # file during a run, another line's lambda. These maps need none of its conversion.
     plain = tf.autograph.experimental.do_not_convert
@@ -574,9 +542,8 @@ def predict_probabilities(model, dataset, tta="none"):
 
 
 def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
-    """Test the best checkpoint once and write metrics.json, which marks the run
-    finished, then remove the backup. test_accuracy is at level `tta`, each lower
-    level's beside it, so runs of different settings compare alike."""
+    """Test the best checkpoint once, write metrics.json (the run is finished) with the
+    accuracy at each TTA level up to `tta`, so runs compare alike, and drop the backup."""
     if not (run_dir / "model.keras").is_file():
         model.save(run_dir / "model.keras")
     best = load_checkpoint(run_dir)
