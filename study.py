@@ -305,9 +305,8 @@ def attempt(point, fd, step):
             except KeyboardInterrupt:
                 interrupted = True
                 child.send_signal(signal.SIGINT)
-    with open(logs[1], "rb") as file, io.BytesIO() as kept:  # less TensorFlow's notices
-        file.seek(offset)
-        settings.forward_messages(file, kept)
+    with io.BytesIO() as kept:  # this attempt's stderr, less TensorFlow's notices
+        settings.forward_messages(logs[1].read_bytes()[offset:].splitlines(True), kept)
         lines = kept.getvalue().decode(errors="replace").strip().splitlines()
     after = state(point, export=step == "export")
     new = [folder for folder in after["runs"] if folder not in before["runs"]]
@@ -552,10 +551,9 @@ def report(study, points):
     if runs.empty:
         return print("no finished run yet: nothing to plot")
     base = Path(study["config"]["PLOTS_DIR"]) / f"study_{study['name']}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    csv = runs.rename(columns=label).to_csv(index=False)  # names for readers
-    settings.write_text(Path(f"{base}.csv"), csv)  # not with_suffix: names may hold dots
-    settings.write_text(Path(f"{base}.md"), markdown(study, runs, summary, points))
+    base.parent.mkdir(parents=True, exist_ok=True)  # f"{base}.csv": names may hold dots
+    settings.write_text(f"{base}.csv", runs.rename(columns=label).to_csv(index=False))
+    settings.write_text(f"{base}.md", markdown(study, runs, summary, points))
     draw(study, runs, summary).savefig(f"{base}.partial.png", dpi=120)
     Path(f"{base}.partial.png").replace(f"{base}.png")
     print(f"wrote {base}.png, .csv and .md ({len(runs)} of {len(points)} runs finished)")
