@@ -1,12 +1,11 @@
 """Compare finished runs of scratch_cnn.py and transfer_mobilenetv2.py on their test set:
 the report's table, measured, with learning curves, confusion matrices, per-class
-accuracy, mistakes, calibration and inference speed; report.md shows them all.
+accuracy, mistakes, calibration and inference speed; report.md shows them all. A column
+per kind of model, evaluated alike; runs that differ only in SEED share one.
 
     python evaluate.py                              # the newest finished run of each kind
     python evaluate.py --runs=runs/scratch_cnn/A,runs/scratch_cnn/B   # chosen runs
     python evaluate.py --data_dir=~/data --plots_dir=results --data_label="CIFAR-10"
-
-A column per kind of model, evaluated alike; runs that differ only in SEED share one.
 """
 
 import settings
@@ -176,8 +175,7 @@ def load_test_set(run, data_dir, cache):
 
 
 def calibration_bins(confidence, correct, bins):
-    """(per confidence bin (lower, upper]: "counts", mean "confidence", "accuracy";
-    ECE: their gap averaged over the images, 0 when a model is as sure as it is right)."""
+    """(per confidence bin "counts", mean "confidence", "accuracy"; ECE, the mean gap)."""
     frame = pd.DataFrame({"confidence": confidence, "accuracy": correct.astype(float)})
     edges = pd.cut(confidence, np.linspace(0.0, 1.0, bins + 1), include_lowest=True)
     grouped = frame.groupby(edges, observed=False)
@@ -200,8 +198,7 @@ def epochs_to_reach(val_accuracy, fraction):
 
 
 def evaluate_predictions(probabilities, labels, bins, class_names=data.CLASS_NAMES):
-    """What a model's test predictions measure; its cross-entropy is without label
-    smoothing, so that models trained with different smoothing compare."""
+    """What test predictions measure; cross-entropy unsmoothed, so all models compare."""
     predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     correct, classes = predicted == labels, range(len(class_names))
     confusion = confusion_matrix(labels, predicted, labels=classes)
@@ -240,11 +237,9 @@ def evaluate_run(column, run, test, config):
     recorded = metrics["test_accuracy"]
     print(f"{column['name']}, {run['dir'].name}: test accuracy by TTA level {accuracy}")
     if abs(recorded - accuracy[tta]) > config["ACCURACY_TOLERANCE"]:
-        print(
-            f"warning: {run['dir']}: test accuracy recomputed here ({tta}) "
-            f"{accuracy[tta]:.4f} differs from the recorded {recorded:.4f} in its "
-            "metrics.json (other test data, or a changed model?)"
-        )
+        print(f"warning: {run['dir']}: test accuracy recomputed here ({tta}) "
+              f"{accuracy[tta]:.4f} differs from the recorded {recorded:.4f} in its "
+              "metrics.json (other test data, or a changed model?)")  # fmt: skip
     run["evaluation"] = evaluation = evaluate_predictions(
         levels[FIGURE_TTA], test.labels, config["CALIBRATION_BINS"], test.class_names
     )
@@ -324,10 +319,8 @@ def plot_confusion(column):
         yticklabels=names, cbar_kws={"label": "share of the true class"},
     )  # fmt: skip
     axes[0, 0].set(xlabel="predicted class", ylabel="true class")
-    figure.suptitle(
-        f"{column['title']}: confusion matrix on {confusion.sum():,} test images, "
-        f"accuracy {column['accuracy']:.2%}"
-    )
+    figure.suptitle(f"{column['title']}: confusion matrix on {confusion.sum():,} test "
+                    f"images, accuracy {column['accuracy']:.2%}")  # fmt: skip
     return figure
 
 
@@ -418,8 +411,7 @@ def plot_calibration(columns):
 
 
 def comparison_markdown(table, level):
-    """The report's table, measured: a column per model, each figure the mean of its
-    runs; for shares, ± the Student-t interval at `level`, n and each seed's value."""
+    """The report's table: a column per model, its runs' mean, shares ± a t interval."""
 
     def cell(values, key):
         values, n = values.dropna(), values.count()
@@ -441,9 +433,8 @@ def comparison_markdown(table, level):
     return settings.markdown_table(["", *table["model"].unique()], rows)
 
 
-def report_markdown(columns, table, pairs, hints, test, config, argv):
-    """report.md: every figure and table on one page, figures linked by file name, each
-    exported run's TensorFlow Lite table and each run's settings; no machine paths."""
+def report_markdown(columns, files, pairs, hints, test, config, argv):
+    """report.md: the figures and tables in `files`, exports, run settings; no paths."""
     gpus = ", ".join(training.gpu_names()) or "no GPU"
     machine = f"{settings.cpu_name()} ({os.cpu_count()} logical cores, {gpus}), "
     machine += f"{platform.system()}, TensorFlow {tf.__version__}"
@@ -486,26 +477,20 @@ def report_markdown(columns, table, pairs, hints, test, config, argv):
     frame = frame[sorted(frame, key=lambda name: not name.startswith("`"))]
     cells = frame.fillna("").map(settings.without_paths).groupby("model", sort=False)
     cells = cells.agg(lambda values: ", ".join(dict.fromkeys(values)))  # seeds' values
-    tables = ["comparison.md", "comparison.csv", "confused_pairs.csv"]
-    tables += [f"confusion_{c['slug']}.csv" for c in columns]
+    tables = [name for name in files if name.endswith((".md", ".csv"))]
     blocks = [
         f"# {test.dataset}: {' vs '.join(column['name'] for column in columns)}",
-        (
-            f"Made by: `{command}` on {datetime.now():%Y-%m-%d %H:%M}. Test set: "
-            f"{len(test.labels):,} images{label} from `{source}`."
-        ),
+        f"Made by: `{command}` on {datetime.now():%Y-%m-%d %H:%M}. Test set: "
+        + f"{len(test.labels):,} images{label} from `{source}`.",
         *[f"> **Missing:** {settings.without_paths(hint)}" for hint in hints],
-        "## The comparison",
-        comparison_markdown(table, config["INTERVAL"]),
+        f"## The comparison\n\n{files['comparison.md']}",
         notes,
         "Tables: " + ", ".join(f"[{name}]({name})" for name in tables) + ".",
         *exported,
         "## Learning curves\n\n![Learning curves](curves_comparison.png)",
         "## Confusion matrices",
-        *[
-            f"![Confusion matrix: {c['name']}](confusion_{c['slug']}.png)"
-            for c in columns
-        ],
+        *[f"![Confusion matrix: {c['name']}](confusion_{c['slug']}.png)"
+          for c in columns],  # fmt: skip
         "## Per-class accuracy\n\n![Per-class accuracy](per_class_accuracy.png)",
         "## Most confused class pairs",
         settings.markdown_table([*pairs.columns.str.replace("_", " ")], pairs.values),
@@ -563,7 +548,7 @@ def main(argv):
     header = ["model", "rank", "true", "predicted", "images", "share_of_true_class"]
     pairs = pd.DataFrame(pairs, columns=header)
     files["confused_pairs.csv"] = pairs.to_csv(index=False)
-    files["report.md"] = report_markdown(columns, table, pairs, hints, test, config, argv)
+    files["report.md"] = report_markdown(columns, files, pairs, hints, test, config, argv)
     for name, content in files.items():  # report.md last, once all it shows is there
         if name.endswith(".png"):
             save_figure(content, plots_dir / name, config["DPI"], config["DATA_LABEL"])
