@@ -81,9 +81,8 @@ def sizes(config):
     quick = "QUICK_" if config["QUICK"] else ""
     names = ("IMAGES", "STEPS", "ROUNDS", "WARMUP_STEPS", "PIPELINE_BATCHES")
     run = {name.lower(): config[quick + name] for name in names}
-    run["batch_size"] = {model: config[BATCH[script]] for model, script in MODELS.items()}
-    if quick:  # one for every model
-        run["batch_size"] = dict.fromkeys(MODELS, config["QUICK_BATCH_SIZE"])
+    own = {model: config[BATCH[script]] for model, script in MODELS.items()}
+    run["batch_size"] = dict.fromkeys(own, config["QUICK_BATCH_SIZE"]) if quick else own
     run["image_size"] = {model: MODELS[model].CONFIG["IMG_SIZE"] for model in MODELS}
     return run
 
@@ -128,8 +127,7 @@ def summary(rounds, batch_size):
 
 
 def training_case(kind, model, config, images, labels):
-    """Our way, the uint8 set in memory. streaming: the pipeline alone, end to end, and
-    compute (one batch from memory); precision: that batch in float32, mixed, XLA."""
+    """Our way, uint8 in memory: the pipeline, end to end and compute, or precision."""
     run, built = sizes(config), model_config(model, config)  # its own augmentation
     batch_size, warmup = built["BATCH_SIZE"], run["warmup_steps"]
     pipeline = data.make_dataset(
@@ -166,8 +164,7 @@ def training_case(kind, model, config, images, labels):
 
 
 def naive_case(kind, model, config, images, labels):
-    """The naive way, as the report did it: the whole set converted to float32, scaled
-    and resized at once, then one `fit` on the arrays (which Keras copies whole)."""
+    """The report's naive way: the whole set scaled and resized in float32, then `fit`."""
     run = sizes(config)
     batch_size, image_size = run["batch_size"][model], run["image_size"][model]
     low, high = MODELS[model].VALUE_RANGE
@@ -202,8 +199,7 @@ def run_case(case, config):
     result.update(
         case=case, images=run["images"], image_size=run["image_size"][model],
         batch_size=run["batch_size"][model], case_seconds=time.perf_counter() - start,
-        # The kernel's high-water mark (ru_maxrss: Linux carries the parent's over exec;
-        # macOS has no /proc, and its ru_maxrss is in bytes).
+        # VmHWM, as Linux's ru_maxrss keeps the parent's over exec (macOS's is in bytes).
         peak_rss_bytes=proc_bytes("self/status", "VmHWM")
         or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     )  # fmt: skip
@@ -299,8 +295,7 @@ def format_value(value, unit):
 
 
 def make_rows(config, run, cases):
-    """The table's rows by step: 1. the pipeline alone, 2. compute only, 3. end to end,
-    4. peak memory, 5. the naive way, 6. mixed precision and XLA."""
+    """The rows by step: pipeline, compute, end to end, memory, naive, precision."""
     rows, images, quick = [], run["images"], config["QUICK"]
 
     def row(step, name, measure, of, value, unit, lower_bound=False, **facts):
