@@ -175,7 +175,9 @@ def load_test_set(run, data_dir, cache):
 
 
 def calibration_bins(confidence, correct, bins):
-    """(per confidence bin "counts", mean "confidence", "accuracy"; ECE, the mean gap)."""
+    """(per confidence bin: "counts", mean "confidence", "accuracy"; the expected
+    calibration error: their gap averaged over the images, 0 for a model as sure as right).
+    """
     frame = pd.DataFrame({"confidence": confidence, "accuracy": correct.astype(float)})
     edges = pd.cut(confidence, np.linspace(0.0, 1.0, bins + 1), include_lowest=True)
     grouped = frame.groupby(edges, observed=False)
@@ -237,9 +239,11 @@ def evaluate_run(column, run, test, config):
     recorded = metrics["test_accuracy"]
     print(f"{column['name']}, {run['dir'].name}: test accuracy by TTA level {accuracy}")
     if abs(recorded - accuracy[tta]) > config["ACCURACY_TOLERANCE"]:
-        print(f"warning: {run['dir']}: test accuracy recomputed here ({tta}) "
-              f"{accuracy[tta]:.4f} differs from the recorded {recorded:.4f} in its "
-              "metrics.json (other test data, or a changed model?)")  # fmt: skip
+        print(
+            f"warning: {run['dir']}: test accuracy recomputed here ({tta}) "
+            f"{accuracy[tta]:.4f} differs from the recorded {recorded:.4f} in its "
+            "metrics.json (other test data, or a changed model?)"
+        )
     run["evaluation"] = evaluation = evaluate_predictions(
         levels[FIGURE_TTA], test.labels, config["CALIBRATION_BINS"], test.class_names
     )
@@ -319,8 +323,10 @@ def plot_confusion(column):
         yticklabels=names, cbar_kws={"label": "share of the true class"},
     )  # fmt: skip
     axes[0, 0].set(xlabel="predicted class", ylabel="true class")
-    figure.suptitle(f"{column['title']}: confusion matrix on {confusion.sum():,} test "
-                    f"images, accuracy {column['accuracy']:.2%}")  # fmt: skip
+    figure.suptitle(
+        f"{column['title']}: confusion matrix on {confusion.sum():,} test images, "
+        f"accuracy {column['accuracy']:.2%}"
+    )
     return figure
 
 
@@ -489,8 +495,10 @@ def report_markdown(columns, files, pairs, hints, test, config, argv):
         *exported,
         "## Learning curves\n\n![Learning curves](curves_comparison.png)",
         "## Confusion matrices",
-        *[f"![Confusion matrix: {c['name']}](confusion_{c['slug']}.png)"
-          for c in columns],  # fmt: skip
+        *[
+            f"![Confusion matrix: {c['name']}](confusion_{c['slug']}.png)"
+            for c in columns
+        ],
         "## Per-class accuracy\n\n![Per-class accuracy](per_class_accuracy.png)",
         "## Most confused class pairs",
         settings.markdown_table([*pairs.columns.str.replace("_", " ")], pairs.values),

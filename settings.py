@@ -314,15 +314,11 @@ def forward_messages(source, sink, drop=()):
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
-        if (
-            line.startswith(STARTUP_NOTICES)
-            or ABSL_INFO.match(line)
-            or (no_cuda_driver and CUDA_INIT_FAILED in line)
-            or any(text in line for text in drop)
-        ):
-            continue
-        sink.write(line)
-        sink.flush()
+        noise = line.startswith(STARTUP_NOTICES) or ABSL_INFO.match(line)
+        noise = noise or (no_cuda_driver and CUDA_INIT_FAILED in line)
+        if not (noise or any(text in line for text in drop)):
+            sink.write(line)
+            sink.flush()
 
 
 def import_tensorflow_quietly(show_everything=False):
@@ -398,24 +394,22 @@ def markdown_table(header, rows):
 
 
 def _cpuinfo(field):
-    """The value of `field` in /proc/cpuinfo (its first line), or None."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    values = [line.split(":", 1)[1].strip() for line in lines if line.startswith(field)]
-    return values[0] if values else None
+    """The value of `field` in /proc/cpuinfo (its first line), or "" if none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    return ""
 
 
 def cpu_name():
     """This machine's CPU model, as /proc/cpuinfo names it where there is one."""
-    name = _cpuinfo("model name")
-    return name if name is not None else platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags():
     """The CPU's feature flags (/proc/cpuinfo), empty where there is no such file."""
-    return set((_cpuinfo("flags") or "").split())
+    return set(_cpuinfo("flags").split())
 
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~:])/[\w.~-]+/[^\s,;()'\"`|]*")  # not /device:0
