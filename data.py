@@ -580,7 +580,7 @@ def save_figures(images, labels, config, class_names, title):
         ("samples.png", images, f"{title}: random training images ({side}x{side})"),
         ("augmented.png", augmented.numpy(), resized),
     ):
-        figure = Figure(figsize=(1.6 * columns, 1.8 * rows))
+        figure = Figure(figsize=(1.6 * columns, 1.8 * rows), layout="constrained")
         axes = figure.subplots(rows, columns, squeeze=False)
         for axis in axes.flat:
             axis.axis("off")
@@ -588,7 +588,6 @@ def save_figures(images, labels, config, class_names, title):
             axis.imshow(picture)
             axis.set_title(class_names[label], fontsize=9)
         figure.suptitle(heading)
-        figure.tight_layout()
         figure.savefig(plots_dir / name, dpi=100)
         print(f"wrote {plots_dir / name}")
 
