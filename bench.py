@@ -127,7 +127,8 @@ def summary(rounds, batch_size):
 
 
 def training_case(kind, model, config, images, labels):
-    """Our way, uint8 in memory: the pipeline, end to end and compute, or precision."""
+    """Our way, the uint8 set in memory: `kind` "streaming" times the pipeline alone, end
+    to end and compute alone; "precision" one batch in float32, mixed and XLA."""
     run, built = sizes(config), model_config(model, config)  # its own augmentation
     batch_size, warmup = built["BATCH_SIZE"], run["warmup_steps"]
     pipeline = data.make_dataset(

@@ -329,7 +329,8 @@ def list_class_folders(root, test_fraction):
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
     """uint8 (N, S, S, 3) RGB of `files` squeezed square to S = `image_size`, as Keras
-    does, a chunk at a time: memory never grows with the photos' size."""
+    does, a chunk at a time: memory never grows with the photos' size. A bad file is a
+    DataError naming it."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):

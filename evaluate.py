@@ -176,7 +176,7 @@ def load_test_set(run, data_dir, cache):
 
 def calibration_bins(confidence, correct, bins):
     """(per confidence bin: "counts", mean "confidence", "accuracy"; the expected
-    calibration error: their gap averaged over the images, 0 for a model as sure as right).
+    calibration error: their gap averaged over the images, 0 for a model as sure as right)
     """
     frame = pd.DataFrame({"confidence": confidence, "accuracy": correct.astype(float)})
     edges = pd.cut(confidence, np.linspace(0.0, 1.0, bins + 1), include_lowest=True)

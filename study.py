@@ -305,8 +305,9 @@ def attempt(point, fd, step):
             except KeyboardInterrupt:
                 interrupted = True
                 child.send_signal(signal.SIGINT)
-    with io.BytesIO() as kept:  # this attempt's stderr, less TensorFlow's notices
-        settings.forward_messages(logs[1].read_bytes()[offset:].splitlines(True), kept)
+    with open(logs[1], "rb") as file, io.BytesIO() as kept:  # less TensorFlow's notices
+        file.seek(offset)  # this attempt's stderr only: the log holds every attempt's
+        settings.forward_messages(file, kept)
         lines = kept.getvalue().decode(errors="replace").strip().splitlines()
     after = state(point, export=step == "export")
     new = [folder for folder in after["runs"] if folder not in before["runs"]]

@@ -132,7 +132,7 @@ def check_resumable(run_dir, script):
                 items = []  # every group and array in the file
                 file.visititems(lambda name, item: items.append(item))
                 arrays = [item for item in items if isinstance(item, h5py.Dataset)]
-                floats = [array[()] for array in arrays if array.dtype.kind == "f"]
+                floats = (array[()] for array in arrays if array.dtype.kind == "f")
                 finite = all(np.isfinite(values).all() for values in floats)
         except (OSError, ValueError, KeyError):
             raise settings.DataError(f"{path}: damaged or truncated; {cannot}") from None
