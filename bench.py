@@ -138,8 +138,8 @@ def training_case(kind, model, config, images, labels):
     )  # fmt: skip
     fixed = tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat()
     if kind == "streaming":
-        batches = range(warmup + run["pipeline_batches"])
-        ends = [time.perf_counter() for _ in zip(batches, pipeline)]
+        batches = pipeline.take(warmup + run["pipeline_batches"])
+        ends = [time.perf_counter() for _ in batches]
         facts = {"pipeline": summary([np.diff(ends[warmup - 1 :])], batch_size)}
         network = build(model, config, images)  # end to end first: its trace fits both
         runs = {"end_to_end": (network, pipeline), "compute": (network, fixed)}
@@ -401,12 +401,11 @@ def main(argv):
     heading += f"{machine['tensorflow']}, Keras {machine['keras']}"
     heading += ". --quick: no target judged." if quick else "."
 
-    # One case at a time, so none slows another; under --quick, whose rates are no
-    # measurement, two at once, the slow MobileNetV2 cases first; the CNN's precision.
+    # One case at a time, so none slows another; --quick, no measurement: two at once.
     cases = [f"{kind}:{model}" for kind in ("streaming", "precision") for model in MODELS]
     cases += [f"naive:{model}" for model in NAIVE_MODELS]
     cases = [c for c in cases if not quick or "precision" not in c or "scratch" in c]
-    cases.sort(key=lambda case: "scratch" in case)
+    cases.sort(key=lambda case: "scratch" in case)  # the slow MobileNetV2 cases first
     cases = run_children(cases, config, config["QUICK_CASES_AT_ONCE"] if quick else 1)
     # A naive case past the limit (many GB at 96 px): its rate from a smaller set.
     fallback = config["NAIVE_FALLBACK_IMAGES"]
