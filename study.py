@@ -491,10 +491,7 @@ def markdown(study, runs, summary, points):
 
 def draw(study, runs, summary):
     """The first metric against the first swept setting (or the second metric)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never open a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: files only, never a window
 
     metrics, x_name = study["metrics"], next(iter(study["sweeps"]))
     values, two = study["sweeps"][x_name], len(metrics) > 1
@@ -505,7 +502,8 @@ def draw(study, runs, summary):
         position = {v: v or 2 * largest if x_name in ZERO_MEANS else v for v in values}
     spots = list(position.values())
     log = numeric and min(spots) > 0 and max(spots) / min(spots) >= LOG_SPAN
-    figure, axes = plt.subplots(figsize=(8, 5.5))
+    figure = Figure(figsize=(8, 5.5))
+    axes = figure.subplots()
     for index, (line, group) in enumerate(summary.groupby("line", sort=False)):
         dots, colour = runs[runs["line"] == line], f"C{index}"
         n = "-".join(map(str, sorted(set(group["n"]))))
