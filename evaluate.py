@@ -1,7 +1,6 @@
 """Compare finished runs of scratch_cnn.py and transfer_mobilenetv2.py on their test set:
-the report's table, measured, with learning curves, confusion matrices, per-class
-accuracy, mistakes, calibration and inference speed; report.md shows them all. A column
-per kind of model, evaluated alike; runs that differ only in SEED share one.
+the report's table with learning curves, confusion matrices, per-class accuracy, mistakes,
+calibration and inference speed, in report.md; a column per setting, whatever its SEED.
 
     python evaluate.py                              # the newest finished run of each kind
     python evaluate.py --runs=runs/scratch_cnn/A,runs/scratch_cnn/B   # chosen runs
@@ -175,9 +174,7 @@ def load_test_set(run, data_dir, cache):
 
 
 def calibration_bins(confidence, correct, bins):
-    """(per confidence bin: "counts", mean "confidence", "accuracy"; the expected
-    calibration error: their gap averaged over the images, 0 for a model as sure as right)
-    """
+    """("counts", mean "confidence", "accuracy" per confidence bin; ECE: mean gap)"""
     frame = pd.DataFrame({"confidence": confidence, "accuracy": correct.astype(float)})
     edges = pd.cut(confidence, np.linspace(0.0, 1.0, bins + 1), include_lowest=True)
     grouped = frame.groupby(edges, observed=False)
@@ -248,8 +245,7 @@ def evaluate_run(column, run, test, config):
         levels[FIGURE_TTA], test.labels, config["CALIBRATION_BINS"], test.class_names
     )
     converged = epochs_to_reach(history["val_accuracy"], config["CONVERGED_FRACTION"])
-    chosen = trained.get("TRAIN_IMAGES", 0)  # 0 = all, less the validation share
-    images = chosen if 0 < chosen < test.available else test.available
+    images = min(trained.get("TRAIN_IMAGES") or test.available, test.available)  # 0 = all
     images -= int(np.ceil(images * trained.get("VAL_FRACTION", 0)))  # as sklearn rounds
     copied = ["test_accuracy", "test_loss", "train_seconds", "images_per_second"]
     return {
@@ -323,10 +319,8 @@ def plot_confusion(column):
         yticklabels=names, cbar_kws={"label": "share of the true class"},
     )  # fmt: skip
     axes[0, 0].set(xlabel="predicted class", ylabel="true class")
-    figure.suptitle(
-        f"{column['title']}: confusion matrix on {confusion.sum():,} test images, "
-        f"accuracy {column['accuracy']:.2%}"
-    )
+    what = f"confusion matrix on {confusion.sum():,} test images"
+    figure.suptitle(f"{column['title']}: {what}, accuracy {column['accuracy']:.2%}")
     return figure
 
 
