@@ -23,7 +23,6 @@ import sys
 import tempfile
 import timeit
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 import keras
@@ -47,7 +46,6 @@ FORMS = "float32,float16,dynamic_int8,int8"  # the forms to make, comma-separate
 KERAS_ONE_THREAD = True  # also time Keras on 1 thread (a child process: seconds of CPU)
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
-SCRIPTS = ("scratch_cnn", "transfer_mobilenetv2")  # the training scripts, in order
 FORM_DESCRIPTIONS = {  # file stem: what it is, as export.md explains it
     "float32": "float32 weights and activations: the Keras model, converted",
     "float16": "float16 weights (half the size), computed in float32 on a CPU",
@@ -85,7 +83,7 @@ def runs_to_export(out_dir, chosen):
     if chosen:
         return [settings.finished_run(chosen, f"--run={chosen}")]
     runs = []
-    for script in SCRIPTS:
+    for script in ("scratch_cnn", "transfer_mobilenetv2"):
         finished = settings.list_runs(out_dir, script, finished=True)
         runs += finished[-1:]
         if not finished:
@@ -102,30 +100,26 @@ def runs_to_export(out_dir, chosen):
 # Model: the Keras model to each TensorFlow Lite form, and each form measured
 
 
-def in_float32(model):
-    """`model` computing in float32 throughout, with its weights: TensorFlow Lite cannot
-    convert the bfloat16 ops of a mixed-precision run (MIXED_PRECISION, "auto" on AMX)."""
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
-        return model
-    copy = keras.models.clone_model(
-        model,
-        clone_function=lambda layer: layer.__class__.from_config(
-            {**layer.get_config(), "dtype": "float32"}
-        ),
-    )
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def convert(model, form, calibration):
     """The `form` of the Keras `model` as .tflite bytes, or a DataError naming it."""
-    converter = tf.lite.TFLiteConverter.from_keras_model(in_float32(model))
+    # TensorFlow Lite cannot convert the bfloat16 ops of a mixed-precision run
+    # (MIXED_PRECISION, "auto" on AMX): a float32 copy of it, same weights, converts.
+    if any(layer.dtype_policy.name != "float32" for layer in model.layers):
+        float32 = keras.models.clone_model(
+            model,
+            clone_function=lambda layer: layer.__class__.from_config(
+                {**layer.get_config(), "dtype": "float32"}
+            ),
+        )
+        float32.set_weights(model.get_weights())
+        model = float32
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if form != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if form == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if form == "int8":
-        converter.representative_dataset = lambda: ([x[None]] for x in calibration)
+        converter.representative_dataset = lambda: ([x[None]] for x, _ in calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = converter.inference_output_type = tf.int8
     try:
@@ -139,11 +133,10 @@ def convert(model, form, calibration):
         raise settings.DataError(f"the {form} conversion failed ({reason})") from None
 
 
-def lite_runner(model_bytes, threads):
+def lite_runner(path, threads):
     """A function: float32 batch -> raw outputs (argmax needs no dequantizing)."""
-    interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=threads)
-    given = interpreter.get_input_details()[0]
-    output = interpreter.get_output_details()[0]
+    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
+    (given,), (taken,) = interpreter.get_input_details(), interpreter.get_output_details()
     allocated = []  # the batch shape the interpreter is allocated for
 
     def run(images):
@@ -156,7 +149,7 @@ def lite_runner(model_bytes, threads):
             images = np.clip(np.round(images / scale + zero_point), -128, 127)
         interpreter.set_tensor(given["index"], images.astype(given["dtype"]))
         interpreter.invoke()
-        return interpreter.get_tensor(output["index"])
+        return interpreter.get_tensor(taken["index"])
 
     return run
 
@@ -177,28 +170,25 @@ def child():
     print(median_ms(tf.function(model), image, int(warmup), int(runs)))
 
 
-def measure(run, files, lite, test_data, config):
-    """The export table: Keras and each form's (`lite`) size, accuracy, agreement, ms."""
-    runners = {form: lite_runner(content, CORES) for form, content in lite.items()}
+def measure(run, files, test_data, config):
+    """The export table: Keras and each form's (`files`) size, accuracy, agreement, ms."""
     probabilities, one_hot = training.predict_probabilities(run["model"], test_data)
     labels, predicted = one_hot.argmax(axis=1), {"keras": probabilities.argmax(axis=1)}
-    for form, runner in runners.items():
-        batches = [runner(images.numpy()).argmax(axis=1) for images, _ in test_data]
-        predicted[form] = np.concatenate(batches)
     image = next(iter(test_data))[0][:1].numpy()  # one preprocessed test image
     timing = (image, config["WARMUP_RUNS"], config["LATENCY_RUNS"])
-    latency = {
-        form: [median_ms(lite_runner(lite[form], 1), *timing), median_ms(runner, *timing)]
-        for form, runner in runners.items()
-    }
     # Keras timed as a deployed TensorFlow model runs it: a compiled tf.function; on one
     # thread in a fresh Python (TensorFlow sizes its thread pools once, when it starts).
-    latency["keras"] = [None, median_ms(tf.function(run["model"]), *timing)]
+    latency = {"keras": [None, median_ms(tf.function(run["model"]), *timing)]}
     if config["KERAS_ONE_THREAD"]:
         arguments = map(str, [run["dir"].resolve(), *timing[1:]])
         command = [sys.executable, "-c", "import export; export.child()", *arguments]
         output = lambda: subprocess.check_output(command, cwd=Path(__file__).parent)
         latency["keras"][0] = float(settings.quietly(output).split()[-1])
+    for form, path in list(files.items())[1:]:  # each form after Keras
+        runner, one_thread = lite_runner(path, CORES), lite_runner(path, 1)
+        batches = [runner(images.numpy()).argmax(axis=1) for images, _ in test_data]
+        predicted[form] = np.concatenate(batches)
+        latency[form] = [median_ms(one_thread, *timing), median_ms(runner, *timing)]
     rows = [
         (name, path.name, path.stat().st_size / 1e6, np.mean(predicted[name] == labels))
         + (np.mean(predicted[name] == predicted["keras"]), *latency[name])
@@ -215,11 +205,8 @@ def export_markdown(run, frame, pipelines, config, command):
     """export.md: a title, how it was measured, the table (Keras first), each form."""
     header = ["form", "file", "size, MB", "test accuracy", "agrees with Keras"]
     header += ["ms/image, 1 thread", f"ms/image, all cores ({frame['all_cores'][0]})"]
-    rows = [
-        [row.form, f"`{row.file}`", f"{row.megabytes:.3f}", f"{row.test_accuracy:.2%}"]
-        + [f"{row.agreement:.2%}", f"{row.ms_one_thread:.3f}", f"{row.ms_all_cores:.3f}"]
-        for row in frame.itertuples()
-    ]
+    specs = ["{}", "`{}`", "{:.3f}", "{:.2%}", "{:.2%}", "{:.3f}", "{:.3f}"]  # per column
+    rows = [[spec.format(cell) for spec, cell in zip(specs, row)] for row in frame.values]
     saved, tta = run["saved"], run["metrics"].get("tta", "none")
     augmented = f" (the run's own test accuracy is with {tta})" if tta != "none" else ""
     source, marker, rest = pipelines.source.partition(" (class folders")
@@ -229,7 +216,7 @@ def export_markdown(run, frame, pipelines, config, command):
     return (
         f"# TensorFlow Lite: {settings.model_name(saved['script'], saved['config'])}"
         f", run `{settings.shown(run['dir'])}`\n\n"
-        f"Made by `{command}` on {datetime.now():%Y-%m-%d %H:%M} ({saved['script']}, "
+        f"Made by `{command}` on {pd.Timestamp.now():%Y-%m-%d %H:%M} ({saved['script']}, "
         f"{saved['config']['IMG_SIZE']} px, inputs in {list(saved['value_range'])}). "
         f"Test set: all {pipelines.sizes['test']:,} images from `{settings.shown(source)}"
         f"{marker}{rest}`, preprocessed as the run was; agreement is the share of test "
@@ -253,18 +240,16 @@ def export_run(run, forms, config, command):
     trained["DATA_DIR"] = config["DATA_DIR"] or trained["DATA_DIR"]
     pipelines = data.pipelines_for(trained, tuple(run["saved"]["value_range"]))
     calibration = pipelines.train.unbatch().take(config["CALIBRATION_IMAGES"])
-    calibration = np.stack([image for image, _ in calibration.as_numpy_iterator()])
     build = Path(tempfile.mkdtemp(prefix=".export-", dir=run["dir"]))
     shown = settings.shown(run["dir"])
     try:
-        files, lite = {"keras": run["dir"] / "model.keras"}, {}
+        files = {"keras": run["dir"] / "model.keras"}
         for form in forms:
             print(f"{shown}: converting to {form}")
-            lite[form] = convert(run["model"], form, calibration)
             files[form] = build / f"{form}.tflite"
-            files[form].write_bytes(lite[form])
+            files[form].write_bytes(convert(run["model"], form, calibration))
         print(f"{shown}: measuring, {pipelines.sizes['test']:,} test images")
-        frame = measure(run, files, lite, pipelines.test, config)
+        frame = measure(run, files, pipelines.test, config)
         summary = frame.set_index("form")[list(MEASURES)].stack().dropna()
         summary.index = [f"{form}_{name}" for form, name in summary.index]
         settings.write_json(build / "export.json", summary.to_dict())
