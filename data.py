@@ -44,10 +44,7 @@ AUGMENT_CONTRAST = 0.0  # random contrast change, as a fraction (0 = off)
 PLOTS_DIR = "plots"  # where the figures go
 CONFIG = settings.config_block(globals())  # the settings above: defaults for overrides
 
-CLASS_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+CLASS_NAMES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 NUM_CLASSES = len(CLASS_NAMES)
 NATIVE_SIZE = 32  # pixels, the side of a CIFAR-10 image
 BATCHES_FOLDER = "cifar-10-batches-py"
@@ -227,8 +224,8 @@ ClassFolders = namedtuple(
 
 def class_folders_root(data_dir):
     """Root of the class folders `data_dir` names; None if no folder or if CIFAR-10."""
-    path = Path(data_dir).expanduser() if data_dir else None
-    if path is None or not path.is_dir() or find_source(path) is not None:
+    path = Path(data_dir).expanduser()
+    if not data_dir or not path.is_dir() or find_source(path) is not None:
         return None
     if (path / "train").is_dir():
         return path
@@ -328,9 +325,8 @@ def list_class_folders(root, test_fraction):
 
 
 def decode_images(files, image_size, chunk=DECODE_CHUNK):
-    """uint8 (N, S, S, 3) RGB of `files` squeezed square to S = `image_size`, as Keras
-    does, a chunk at a time: memory never grows with the photos' size. A bad file is a
-    DataError naming it."""
+    """uint8 RGB (N, S, S, 3) of `files` squeezed square as Keras does, S = `image_size`,
+    a chunk at a time: memory never grows with photo size. DataError names a bad file."""
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
 
     def decode(path):
@@ -371,9 +367,6 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
 def split(images, labels, val_fraction, seed, train_images=0):
     """(train images, train labels, val images, val labels): a stratified subset of
     `train_images` images (0 = all), then a stratified validation split from it."""
-    settings.check_data_settings(
-        {"VAL_FRACTION": val_fraction, "TRAIN_IMAGES": train_images}
-    )
     index = np.arange(len(labels))
     try:
         if train_images and train_images < len(labels):
@@ -459,9 +452,8 @@ def make_dataset(
     shuffle=False, seed=0, repeat=False, num_classes=NUM_CLASSES,
 ):  # fmt: skip
     """(float32 images (B, S, S, 3) in `value_range`, one-hot labels), each batch gathered
-    from the uint8 array by index, then flipped, augmented, resized and scaled. `flip`:
-    "random" (a coin per image and pass), "alternate" (airbench's: the first pass's coins,
-    then mirrored every other pass) or "none"."""
+    from the uint8 array by index, flipped ("random": new coins each pass; "alternate":
+    airbench's, the first pass's coins mirrored every other pass), augmented, resized."""
     images = np.asarray(images, dtype=np.uint8)
     side, low, high = images.shape[1], *value_range
     labels = tf.convert_to_tensor(labels, dtype=tf.int32)
@@ -475,9 +467,8 @@ def make_dataset(
         if flip != "none":
             if flip == "random":  # fresh coins each pass, fixed by the seed
                 coins_now = tf.random.stateless_uniform(
-                    [len(labels)], tf.stack([tf.constant(seed, tf.int64), pass_number]),
-                    0, 2, tf.int64,
-                )  # fmt: skip
+                    [len(labels)], [seed, pass_number], 0, 2, tf.int64
+                )
             else:
                 coins_now = (coins + pass_number) % 2
             mirrored = tf.cast(tf.gather(coins_now, index), tf.bool)[:, None, None, None]
