@@ -1,7 +1,6 @@
-"""What every script shares before TensorFlow loads, in the standard library only: the
-config block and its --name=value overrides, --help, one-line errors and exit codes, a
-quiet TensorFlow start-up, atomic files, Markdown tables and finding run folders. A
-script's first lines call `settings.check_command_line(__name__, __file__)`."""
+"""What every script shares before TensorFlow loads, standard library only: the config
+block and its overrides, --help, errors and exit codes, a quiet TensorFlow start-up,
+files, tables and run folders. Scripts start with `settings.check_command_line(...)`."""
 
 import ast
 import contextlib
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import tokenize
 from collections import namedtuple
+from itertools import count, takewhile
 from pathlib import Path
 
 EXIT_CONFIG = 2  # bad command line or configuration
@@ -51,14 +51,12 @@ CHOICES = {  # settings that take one of a few words, in every script that has t
 
 def check_data_settings(config):
     """The settings the training scripts share, those `config` has, checked."""
-    for name, words in CHOICES.items():
-        if name in config:
-            listed = f"{', '.join(words[:-1])} or {words[-1]}"
-            require(config[name] in words, f"--{name.lower()} must be {listed}")
+    for name, words in CHOICES.items():  # a setting the config lacks passes
+        must = f"--{name.lower()} must be {', '.join(words[:-1])} or {words[-1]}"
+        require(config.get(name, words[0]) in words, must)
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
-        if name in config:
-            value = config[name]
-            require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
+        value = config.get(name, 0.5)
+        require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
     images = config.get("TRAIN_IMAGES", 0)
     require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
     require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")
@@ -82,9 +80,8 @@ def fail(message, exit_code):
 
 
 def cli(main, interrupted_hint="interrupted"):
-    """Run `main(argv)` as a command, exiting with its return value if that is an int:
-    an expected failure is one line on stderr and the documented exit code, never a
-    traceback; SIGTERM stops as Ctrl-C does; a closed pipe (`... | head`) is no error."""
+    """Run `main(argv)` as a command, exiting with its return value if an int: an expected
+    failure is one line on stderr and its exit code; SIGTERM stops as Ctrl-C does."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         code = main(sys.argv[1:])
@@ -95,7 +92,7 @@ def cli(main, interrupted_hint="interrupted"):
         hint = str(error) or interrupted_hint  # a bare Ctrl-C has no message
         print(f"{Path(sys.argv[0]).name}: {hint}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except BrokenPipeError:
+    except BrokenPipeError:  # `... | head`: no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -105,8 +102,7 @@ def cli(main, interrupted_hint="interrupted"):
 
 def config_block(module_globals):
     """The scalar UPPER_CASE globals so far: called right after the config block."""
-    names = [name for name, value in module_globals.items() if type(value) in SCALARS]
-    return {name: module_globals[name] for name in names if name.isupper()}
+    return {n: v for n, v in module_globals.items() if n.isupper() and type(v) in SCALARS}
 
 
 def split_arguments(argv, booleans=()):
@@ -184,10 +180,9 @@ Script = namedtuple("Script", "doc settings check complete")  # see read_script
 
 
 def read_script(path):
-    """The docstring, config block {NAME: Setting} and check_config (or None) of the
-    script at `path`, and whether every default is known without running it. The block
-    is every UPPER_CASE scalar assigned before `CONFIG = ...`; a default taken from a
-    sibling script (`scratch_cnn.CONFIG["BATCH_SIZE"]`) is read from its block."""
+    """The docstring, config block {NAME: Setting}, check_config (or a no-op) of a script
+    at `path`, and whether every default is known without running it. A default taken
+    from a sibling script (`scratch_cnn.CONFIG["BATCH_SIZE"]`) is read from its block."""
     path = Path(path)
     source = path.read_text()
     tree = ast.parse(source, str(path))
@@ -195,16 +190,13 @@ def read_script(path):
     tokens = [token for token in tokens if token.type == tokenize.COMMENT]
     comments = {token.start[0]: token.string.lstrip("#").strip() for token in tokens}
     alone = {token.start[0] for token in tokens if token.line.lstrip().startswith("#")}
-    found, constants, check, complete, in_block = {}, {}, None, True, True
+    checks = [node for node in tree.body if getattr(node, "name", "") == "check_config"]
+    found, constants, complete, in_block = {}, {}, True, True
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "check_config":
-            check = node
         target = node.targets[0] if isinstance(node, ast.Assign) else None
         if not (isinstance(target, ast.Name) and target.id.isupper()):
             continue
-        if target.id == "CONFIG":
-            in_block = False
-            continue
+        in_block = in_block and target.id != "CONFIG"  # `CONFIG = ...` ends the block
         try:
             value = _literal(node.value, path.parent)
         except ValueError:
@@ -214,16 +206,12 @@ def read_script(path):
         if in_block and type(value) in SCALARS:
             lines = range(node.lineno, node.end_lineno + 1)
             comment = " ".join(comments[line] for line in lines if line in comments)
-            more, line = [], node.end_lineno + 1
-            while line in alone:
-                more.append(comments[line])
-                line += 1
-            found[target.id] = Setting(value, comment, tuple(more))
-    if check is not None:  # compiled alone, with the literal constants in scope
-        code = compile(ast.Module(body=[check], type_ignores=[]), str(path), "exec")
-        namespace = {**constants, "settings": sys.modules[__name__]}
-        exec(code, namespace)
-        check = namespace["check_config"]
+            below = takewhile(alone.__contains__, count(node.end_lineno + 1))
+            found[target.id] = Setting(value, comment, tuple(comments[n] for n in below))
+    namespace = {**constants, "settings": sys.modules[__name__]}
+    code = compile(ast.Module(body=checks, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # check_config alone, with the literal constants in scope
+    check = namespace.get("check_config", lambda config: None)
     return Script(ast.get_docstring(tree) or "", found, check, complete)
 
 
@@ -240,18 +228,13 @@ def _literal(node, folder):
 
 
 def help_text(path, usage="[--name=value | --name value | --flag] ..."):
-    """--help: the docstring to the end of its first indented block (the commands), then
-    each setting with its default and its comment."""
+    """--help: the docstring up to its example commands, then each setting and comment."""
     script = read_script(path)
     program = Path(path).name
-    lines, seen_usage = [f"usage: python {program} {usage}", ""], False
-    for line in script.doc.splitlines():
-        indented = line.startswith((" ", "\t"))
-        if seen_usage and not indented:
-            break
-        seen_usage = seen_usage or indented
-        lines.append(line)
-    lines += ["", f"settings (the config block of {program}; a bare --flag sets True):"]
+    commands = re.match(r"(?:.*\n)*?[ \t].*(?:\n[ \t].*)*", script.doc)
+    head = commands[0] if commands else script.doc
+    lines = [f"usage: python {program} {usage}", "", *head.splitlines(), ""]
+    lines.append(f"settings (the config block of {program}; a bare --flag sets True):")
     flags = [
         f"--{name.lower()}="
         + (f'"{s.default}"' if isinstance(s.default, str) else repr(s.default))
@@ -269,7 +252,7 @@ def help_text(path, usage="[--name=value | --name value | --flag] ..."):
 
 def check_command_line(name, path, argv=None):
     """Run as a program: answer --help and -h (exit 0) and stop a bad command line (one
-    line, exit 2), before TensorFlow loads; then import TensorFlow quietly."""
+    line, exit 2), before TensorFlow loads; then import TensorFlow without its notices."""
     if name != "__main__":
         return
     argv = sys.argv[1:] if argv is None else argv
@@ -282,22 +265,22 @@ def check_command_line(name, path, argv=None):
         defaults = {name: setting.default for name, setting in script.settings.items()}
         try:
             config = parse_overrides(defaults, argv)
-            if script.check is not None:
+            with contextlib.suppress(NameError):  # needs more names: main() runs it
                 script.check(config)
-        except NameError:  # check_config needs more than settings: main() runs it
-            pass
         except ConfigError as error:
             fail(error, EXIT_CONFIG)
-    import_tensorflow_quietly(show_everything=config.get("VERBOSE", 0) >= 2)
+    if config.get("VERBOSE", 0) < 2 and os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # later INFO lines go too
+        quietly(_import_tensorflow)
 
 
 # ---------------------------------------------------------------------------------
 # A quiet TensorFlow start-up
 #
-# TensorFlow logs from C++ through absl straight to file descriptor 2, and the notices
-# printed while `import tensorflow` runs ignore TF_CPP_MIN_LOG_LEVEL. So the import runs
-# with descriptor 2 connected to a small filter process that drops those known notices
-# and passes every other line on at once: a real error gets through, even on an abort.
+# TensorFlow logs from C++ through absl straight to file descriptor 2, and its notices
+# during `import tensorflow` ignore TF_CPP_MIN_LOG_LEVEL. So the import runs with
+# descriptor 2 piped to a small filter process that drops those known notices and passes
+# every other line on at once: a real error gets through, even on an abort.
 
 ABSL_INFO = re.compile(rb"^I\d{4} ")  # absl's INFO lines: "I<mmdd> <time> <thread> ..."
 STARTUP_NOTICES = (
@@ -309,8 +292,7 @@ CUDA_INIT_FAILED = b"failed call to cuInit"
 
 
 def forward_messages(source, sink, drop=()):
-    """Copy `source`'s lines to `sink` (binary files) less absl's INFO lines and its
-    notice about them, a failed CUDA start with no CUDA driver, and lines with `drop`."""
+    """Pass `source`'s lines to `sink` (binary files) but the notices above and `drop`."""
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
@@ -321,32 +303,18 @@ def forward_messages(source, sink, drop=()):
             sink.flush()
 
 
-def import_tensorflow_quietly(show_everything=False):
-    """Import TensorFlow and Keras and find the devices without the start-up notices,
-    unless `show_everything` (--verbose=2) or TF_CPP_MIN_LOG_LEVEL=0."""
-    if show_everything or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # later INFO lines go too
+def _import_tensorflow():
+    import keras  # noqa: F401
+    import tensorflow as tf
 
-    def work():
-        import keras  # noqa: F401
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # CUDA starts here, and so does its notice
-
-    quietly(work)
+    tf.config.list_physical_devices()  # CUDA starts here, and so does its notice
 
 
 def quietly(work, drop=()):
     """Run `work()` with file descriptor 2 passed through forward_messages(drop=drop)."""
     sys.stderr.flush()
-    program = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import settings; settings."
-        "forward_messages(sys.stdin.buffer, sys.stderr.buffer, "
-        "[a.encode() for a in sys.argv[2:]])"
-    )
-    folder = str(Path(__file__).resolve().parent)
-    command = [sys.executable, "-S", "-c", program, folder, *map(bytes.decode, drop)]
+    this_file = str(Path(__file__).resolve())  # run as the filter: see the end
+    command = [sys.executable, "-S", this_file, *map(bytes.decode, drop)]
     forwarder = subprocess.Popen(command, stdin=subprocess.PIPE)
     saved = os.dup(2)
     os.dup2(forwarder.stdin.fileno(), 2)
@@ -366,8 +334,7 @@ def quietly(work, drop=()):
 
 
 def write_text(path, text):
-    """Write a text file whole or not at all: a reader never sees half of it, and a
-    failed write leaves the earlier file as it was. Returns the path."""
+    """Write a text file whole or not at all, keeping the earlier one if it fails."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
@@ -433,8 +400,7 @@ def list_runs(out_dir, script, finished):
     timestamp: a folder's modification time changes when a later tool writes into it."""
     configs = (Path(out_dir) / script).glob("*/config.json")
     runs = [path.parent for path in configs if path.is_file()]
-    runs = [path for path in runs if (path / "metrics.json").is_file() == finished]
-    return sorted(runs, key=lambda path: path.name)
+    return sorted(path for path in runs if (path / "metrics.json").is_file() == finished)
 
 
 def finished_run(path, flag):
@@ -467,3 +433,8 @@ def model_name(script, config):
     if weights == "none":
         return f"{name}, random start"
     return f"{name}, weights from {Path(weights).name}"
+
+
+if __name__ == "__main__":  # the filter process that quietly() starts
+    drop = [text.encode() for text in sys.argv[1:]]
+    forward_messages(sys.stdin.buffer, sys.stderr.buffer, drop)
