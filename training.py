@@ -1,5 +1,4 @@
-"""The plumbing both training scripts share: run folders and resume, devices, precision,
-the schedule, callbacks and the test evaluation. Hyperparameters live in the scripts."""
+"""The plumbing both training scripts share; their hyperparameters live in the scripts."""
 
 import atexit
 import contextlib
@@ -145,8 +144,7 @@ def check_resumable(run_dir, script):
 
 
 def save_run_config(run_dir, script, config, data_source, **extra):
-    """config.json: the effective configuration, the data, library versions, devices,
-    and `extra` facts evaluate.py needs (e.g. the input range the model expects)."""
+    """config.json: the effective config, data source, versions, devices and `extra`."""
     versions = {module.__name__: module.__version__ for module in (tf, keras, np)}
     run = {"script": script, "config": config, "data_source": data_source, **extra}
     run["versions"] = {"python": platform.python_version(), **versions}
@@ -168,8 +166,7 @@ def gpu_names():
 
 
 def cluster_task():
-    """(jobs, chief): the number of tasks of each job, chief and worker, TF_CONFIG's
-    cluster names, and whether this process is the chief ("chief", else worker 0)."""
+    """(tasks of TF_CONFIG's chief and worker jobs, whether this is chief or worker 0)."""
     try:
         tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
         cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
@@ -276,9 +273,8 @@ class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="training")
 class Bias(keras.layers.Layer):
-    """x + bias, one per channel, with a coupled L2 penalty `l2` (its gradient adds
-    l2 x bias). The data's gradient reaches the bias `rate_factor` times larger, which
-    under SGD with momentum is exactly a learning rate that many times higher."""
+    """x + a bias per channel (coupled L2 penalty `l2`) whose data gradient is
+    `rate_factor` times larger, as a learning rate that many times higher under SGD."""
 
     def __init__(self, rate_factor=1.0, l2=0.0, **kwargs):
         super().__init__(**kwargs)
@@ -291,7 +287,6 @@ class Bias(keras.layers.Layer):
         )  # fmt: skip
 
     def call(self, x):
-        # Its value is the bias; its gradient, rate_factor times the bias's.
         scaled = self.bias * self.rate_factor
         bias = scaled - keras.ops.stop_gradient(scaled - self.bias)
         return x + keras.ops.cast(bias, x.dtype)
@@ -326,9 +321,8 @@ class Diverged(Exception):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Raise Diverged at a NaN or inf loss, weight or optimizer state, before the
-    callbacks that write, so a diverged epoch writes nothing (Keras 3.15.1's
-    TerminateOnNaN waits for the epoch's end, when BackupAndRestore saves NaN weights)."""
+    """Raise Diverged at a NaN or inf loss, weight or optimizer state before a callback
+    writes: Keras 3.15.1's TerminateOnNaN waits until NaN weights are backed up."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -366,9 +360,8 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras's resume state in backup/<phase>, each file written under a temporary name
-    and renamed, weights first: Keras 3.15.1 writes in place, and a half-written file
-    stops a resume. Last in the callbacks: an epoch is done once all else is saved."""
+    """Keras's resume state in backup/<phase>, weights then epoch, each renamed into place
+    whole (Keras 3.15.1 writes in place). Last, so an epoch counts once all is saved."""
 
     def on_epoch_end(self, epoch, logs=None):
         weights = Path(self._weights_path)
@@ -435,7 +428,6 @@ def fit(
     """`model.fit` with `callbacks`, then the run's. Called again, it goes on from
     backup/<phase>, drops the history rows the backup lacks, and early stopping counts
     the phase's earlier epochs. Ctrl-C raises Interrupted; divergence, ConfigError."""
-    run_dir = Path(run_dir)
     backup_dir = run_dir / "backup" / phase
     metadata = backup_dir / "training_metadata.json"
     start = settings.read_json(metadata)["epoch"] if metadata.is_file() else initial_epoch
@@ -526,10 +518,9 @@ def predict_tta(model, dataset, tta="none"):
     if tta == "crops":
         one_pixel = [[0, 0], [1, 1], [1, 1], [0, 0]]  # around each image of a batch
         padded = images.map(plain(lambda x: tf.pad(x, one_pixel, "REFLECT")))
-        top_left = padded.map(plain(lambda x: x[:, :-2, :-2]))
-        bottom_right = padded.map(plain(lambda x: x[:, 2:, 2:]))
-        crops = [top_left, bottom_right]
-        views = [predict(view, mirror) for view in crops for mirror in (False, True)]
+        shifts = [plain(lambda x: x[:, :-2, :-2]), plain(lambda x: x[:, 2:, 2:])]
+        crops = [padded.map(shift) for shift in shifts]  # top left, bottom right
+        views = [predict(crop, mirror) for crop in crops for mirror in (False, True)]
         levels["crops"] = levels["flip"] / 2 + sum(views) / 8
     labels = np.concatenate([labels.numpy() for _, labels in dataset])
     return levels, labels
