@@ -401,7 +401,8 @@ def main(argv):
     heading += f"{machine['tensorflow']}, Keras {machine['keras']}"
     heading += ". --quick: no target judged." if quick else "."
 
-    # One case at a time, so none slows another; --quick, no measurement: two at once.
+    # One case at a time, so none slows another; under --quick, whose rates are no
+    # measurement, two at once, and of the precision cases only the CNN's.
     cases = [f"{kind}:{model}" for kind in ("streaming", "precision") for model in MODELS]
     cases += [f"naive:{model}" for model in NAIVE_MODELS]
     cases = [c for c in cases if not quick or "precision" not in c or "scratch" in c]

@@ -367,6 +367,9 @@ def decode_images(files, image_size, chunk=DECODE_CHUNK):
 def split(images, labels, val_fraction, seed, train_images=0):
     """(train images, train labels, val images, val labels): a stratified subset of
     `train_images` images (0 = all), then a stratified validation split from it."""
+    settings.check_data_settings(
+        {"VAL_FRACTION": val_fraction, "TRAIN_IMAGES": train_images}
+    )
     index = np.arange(len(labels))
     try:
         if train_images and train_images < len(labels):
@@ -453,7 +456,8 @@ def make_dataset(
 ):  # fmt: skip
     """(float32 images (B, S, S, 3) in `value_range`, one-hot labels), each batch gathered
     from the uint8 array by index, flipped ("random": new coins each pass; "alternate":
-    airbench's, the first pass's coins mirrored every other pass), augmented, resized."""
+    airbench's, the first pass's coins mirrored every other pass; "none"), augmented,
+    resized."""
     images = np.asarray(images, dtype=np.uint8)
     side, low, high = images.shape[1], *value_range
     labels = tf.convert_to_tensor(labels, dtype=tf.int32)

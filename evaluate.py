@@ -1,6 +1,7 @@
 """Compare finished runs of scratch_cnn.py and transfer_mobilenetv2.py on their test set:
-the report's table with learning curves, confusion matrices, per-class accuracy, mistakes,
-calibration and inference speed, in report.md; a column per setting, whatever its SEED.
+the report's table, measured, with learning curves, confusion matrices, per-class
+accuracy, mistakes, calibration and inference speed; report.md shows them all. A column
+per kind of model, evaluated alike; runs that differ only in SEED share one.
 
     python evaluate.py                              # the newest finished run of each kind
     python evaluate.py --runs=runs/scratch_cnn/A,runs/scratch_cnn/B   # chosen runs
@@ -174,7 +175,9 @@ def load_test_set(run, data_dir, cache):
 
 
 def calibration_bins(confidence, correct, bins):
-    """("counts", mean "confidence", "accuracy" per confidence bin; ECE: mean gap)"""
+    """(per confidence bin: "counts", mean "confidence", "accuracy"; the expected
+    calibration error: their gap averaged over the images, 0 for a model as sure as right)
+    """
     frame = pd.DataFrame({"confidence": confidence, "accuracy": correct.astype(float)})
     edges = pd.cut(confidence, np.linspace(0.0, 1.0, bins + 1), include_lowest=True)
     grouped = frame.groupby(edges, observed=False)

@@ -136,7 +136,8 @@ def convert(model, form, calibration):
 def lite_runner(path, threads):
     """A function: float32 batch -> raw outputs (argmax needs no dequantizing)."""
     interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
-    (given,), (taken,) = interpreter.get_input_details(), interpreter.get_output_details()
+    given = interpreter.get_input_details()[0]
+    output = interpreter.get_output_details()[0]
     allocated = []  # the batch shape the interpreter is allocated for
 
     def run(images):
@@ -149,7 +150,7 @@ def lite_runner(path, threads):
             images = np.clip(np.round(images / scale + zero_point), -128, 127)
         interpreter.set_tensor(given["index"], images.astype(given["dtype"]))
         interpreter.invoke()
-        return interpreter.get_tensor(taken["index"])
+        return interpreter.get_tensor(output["index"])
 
     return run
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tokenize
 from collections import namedtuple
-from itertools import count, takewhile
 from pathlib import Path
 
 EXIT_CONFIG = 2  # bad command line or configuration
@@ -51,12 +50,14 @@ CHOICES = {  # settings that take one of a few words, in every script that has t
 
 def check_data_settings(config):
     """The settings the training scripts share, those `config` has, checked."""
-    for name, words in CHOICES.items():  # a setting the config lacks passes
-        must = f"--{name.lower()} must be {', '.join(words[:-1])} or {words[-1]}"
-        require(config.get(name, words[0]) in words, must)
+    for name, words in CHOICES.items():
+        if name in config:
+            listed = f"{', '.join(words[:-1])} or {words[-1]}"
+            require(config[name] in words, f"--{name.lower()} must be {listed}")
     for name in ("VAL_FRACTION", "TEST_FRACTION"):
-        value = config.get(name, 0.5)
-        require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
+        if name in config:
+            value = config[name]
+            require(0 < value < 1, f"--{name.lower()} must lie in (0, 1), got {value}")
     images = config.get("TRAIN_IMAGES", 0)
     require(images >= 0, f"--train_images must be 0 (all) or positive, got {images}")
     require(config.get("BATCH_SIZE", 1) > 0, "--batch_size must be positive")
@@ -206,8 +207,11 @@ def read_script(path):
         if in_block and type(value) in SCALARS:
             lines = range(node.lineno, node.end_lineno + 1)
             comment = " ".join(comments[line] for line in lines if line in comments)
-            below = takewhile(alone.__contains__, count(node.end_lineno + 1))
-            found[target.id] = Setting(value, comment, tuple(comments[n] for n in below))
+            more, line = [], node.end_lineno + 1
+            while line in alone:  # comment lines right below it
+                more.append(comments[line])
+                line += 1
+            found[target.id] = Setting(value, comment, tuple(more))
     namespace = {**constants, "settings": sys.modules[__name__]}
     code = compile(ast.Module(body=checks, type_ignores=[]), str(path), "exec")
     exec(code, namespace)  # check_config alone, with the literal constants in scope
@@ -228,13 +232,18 @@ def _literal(node, folder):
 
 
 def help_text(path, usage="[--name=value | --name value | --flag] ..."):
-    """--help: the docstring up to its example commands, then each setting and comment."""
+    """--help: the docstring to the end of its first indented block (the commands), then
+    each setting with its default and its comment."""
     script = read_script(path)
     program = Path(path).name
-    commands = re.match(r"(?:.*\n)*?[ \t].*(?:\n[ \t].*)*", script.doc)
-    head = commands[0] if commands else script.doc
-    lines = [f"usage: python {program} {usage}", "", *head.splitlines(), ""]
-    lines.append(f"settings (the config block of {program}; a bare --flag sets True):")
+    lines, seen_usage = [f"usage: python {program} {usage}", ""], False
+    for line in script.doc.splitlines():
+        indented = line.startswith((" ", "\t"))
+        if seen_usage and not indented:
+            break
+        seen_usage = seen_usage or indented
+        lines.append(line)
+    lines += ["", f"settings (the config block of {program}; a bare --flag sets True):"]
     flags = [
         f"--{name.lower()}="
         + (f'"{s.default}"' if isinstance(s.default, str) else repr(s.default))
@@ -292,7 +301,8 @@ CUDA_INIT_FAILED = b"failed call to cuInit"
 
 
 def forward_messages(source, sink, drop=()):
-    """Pass `source`'s lines to `sink` (binary files) but the notices above and `drop`."""
+    """Copy `source`'s lines to `sink` (binary files) less absl's INFO lines and its
+    notice about them, a failed CUDA start with no CUDA driver, and lines with `drop`."""
     no_cuda_driver = False
     for line in source:
         no_cuda_driver = no_cuda_driver or NO_CUDA_DRIVER in line
@@ -334,7 +344,8 @@ def quietly(work, drop=()):
 
 
 def write_text(path, text):
-    """Write a text file whole or not at all, keeping the earlier one if it fails."""
+    """Write a text file whole or not at all: a reader never sees half of it, and a
+    failed write leaves the earlier file as it was. Returns the path."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)

@@ -1,4 +1,5 @@
-"""The plumbing both training scripts share; their hyperparameters live in the scripts."""
+"""The plumbing both training scripts share: run folders and resume, devices, precision,
+the schedule, callbacks and the test evaluation. Hyperparameters live in the scripts."""
 
 import atexit
 import contextlib
@@ -166,7 +167,8 @@ def gpu_names():
 
 
 def cluster_task():
-    """(tasks of TF_CONFIG's chief and worker jobs, whether this is chief or worker 0)."""
+    """(jobs, chief): the number of tasks of each job, chief and worker, TF_CONFIG's
+    cluster names, and whether this process is the chief ("chief", else worker 0)."""
     try:
         tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
         cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
@@ -273,8 +275,9 @@ class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="training")
 class Bias(keras.layers.Layer):
-    """x + a bias per channel (coupled L2 penalty `l2`) whose data gradient is
-    `rate_factor` times larger, as a learning rate that many times higher under SGD."""
+    """x + bias, one per channel, with a coupled L2 penalty `l2` (its gradient adds
+    l2 x bias). The data's gradient reaches the bias `rate_factor` times larger, which
+    under SGD with momentum is exactly a learning rate that many times higher."""
 
     def __init__(self, rate_factor=1.0, l2=0.0, **kwargs):
         super().__init__(**kwargs)
@@ -321,8 +324,9 @@ class Diverged(Exception):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Raise Diverged at a NaN or inf loss, weight or optimizer state before a callback
-    writes: Keras 3.15.1's TerminateOnNaN waits until NaN weights are backed up."""
+    """Raise Diverged at a NaN or inf loss, weight or optimizer state, before the
+    callbacks that write, so a diverged epoch writes nothing (Keras 3.15.1's
+    TerminateOnNaN waits for the epoch's end, when BackupAndRestore saves NaN weights)."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -360,8 +364,9 @@ class Checkpoint(keras.callbacks.ModelCheckpoint):
 
 
 class Backup(keras.callbacks.BackupAndRestore):
-    """Keras's resume state in backup/<phase>, weights then epoch, each renamed into place
-    whole (Keras 3.15.1 writes in place). Last, so an epoch counts once all is saved."""
+    """Keras's resume state in backup/<phase>, each file written under a temporary name
+    and renamed, weights first: Keras 3.15.1 writes in place, and a half-written file
+    stops a resume. Last in the callbacks: an epoch is done once all else is saved."""
 
     def on_epoch_end(self, epoch, logs=None):
         weights = Path(self._weights_path)
@@ -428,6 +433,7 @@ def fit(
     """`model.fit` with `callbacks`, then the run's. Called again, it goes on from
     backup/<phase>, drops the history rows the backup lacks, and early stopping counts
     the phase's earlier epochs. Ctrl-C raises Interrupted; divergence, ConfigError."""
+    run_dir = Path(run_dir)
     backup_dir = run_dir / "backup" / phase
     metadata = backup_dir / "training_metadata.json"
     start = settings.read_json(metadata)["epoch"] if metadata.is_file() else initial_epoch
