@@ -224,8 +224,10 @@ ClassFolders = namedtuple(
 
 def class_folders_root(data_dir):
     """Root of the class folders `data_dir` names; None if no folder or if CIFAR-10."""
-    path = Path(data_dir or "").expanduser()
-    if not data_dir or not path.is_dir() or find_source(path) is not None:
+    if not data_dir:
+        return None
+    path = Path(data_dir).expanduser()
+    if not path.is_dir() or find_source(path) is not None:
         return None
     if (path / "train").is_dir():
         return path
