@@ -204,7 +204,8 @@ def freeze_base(base):
 def unfreeze_for_fine_tuning(base, freeze_first, batchnorm_momentum=None):
     """Phase 2: the base trainable but its first `freeze_first` layers and BatchNorm (a
     frozen BatchNorm layer runs in inference mode: it uses its moving statistics and
-    leaves them alone); given `batchnorm_momentum`, BatchNorm trains, at that momentum."""
+    leaves them alone); given `batchnorm_momentum`, BatchNorm trains, at that momentum.
+    A random start is `freeze_first=0` with a momentum."""
     base.trainable = True
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -215,14 +216,6 @@ def unfreeze_for_fine_tuning(base, freeze_first, batchnorm_momentum=None):
         layer.trainable = False
 
 
-def unfreeze_all(base, batchnorm_momentum):
-    """A random start: every layer trains, BatchNorm at momentum `batchnorm_momentum`."""
-    base.trainable = True
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = batchnorm_momentum
-
-
 def compile_phase(model, base, config, phase, steps_per_epoch):
     """Make `phase` ("head", "fine_tune" or "random_start") trainable and compile for
     it: AdamW, constant for the head, else under a warm-up then cosine decay."""
@@ -230,14 +223,13 @@ def compile_phase(model, base, config, phase, steps_per_epoch):
     if phase == "head":
         freeze_base(base)
         learning_rate = config["HEAD_LR"]
-    else:
-        if phase == "fine_tune":
-            momentum = momentum if config["FINE_TUNE_BATCHNORM"] else None
-            unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"], momentum)
-        else:
-            unfreeze_all(base, momentum)
+    else:  # a random start: every layer trains, BatchNorm included
+        fine_tune = phase == "fine_tune"
+        if fine_tune and not config["FINE_TUNE_BATCHNORM"]:
+            momentum = None
+        unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"] if fine_tune else 0, momentum)
         learning_rate = training.WarmupThenDecay(
-            config["FINE_TUNE_LR" if phase == "fine_tune" else "RANDOM_START_LR"],
+            config["FINE_TUNE_LR" if fine_tune else "RANDOM_START_LR"],
             warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
             total_steps=config["FINE_TUNE_EPOCHS"] * steps_per_epoch,
         )
@@ -289,7 +281,7 @@ def main(argv):
     check_config(config)
     strategy = training.distribution_strategy()  # before any tensor exists
     weights = resolve_weights(config["WEIGHTS"], config["ALPHA"], config["IMG_SIZE"])
-    training.seed_everything(config["SEED"])
+    keras.utils.set_random_seed(config["SEED"])
     precision = training.set_precision(config["MIXED_PRECISION"], strategy)
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own
