@@ -191,7 +191,7 @@ def run_case(case, config):
     settings.require(kind in kinds and model in MODELS, expected)
     for gpu in tf.config.list_physical_devices("GPU"):  # --quick: two cases share it
         tf.config.experimental.set_memory_growth(gpu, True)
-    training.seed_everything(config["SEED"])
+    keras.utils.set_random_seed(config["SEED"])
     start, run = time.perf_counter(), sizes(config)
     rng, side = np.random.default_rng(config["SEED"]), data.NATIVE_SIZE
     images = rng.integers(0, 256, (run["images"], side, side, 3), np.uint8)

@@ -173,8 +173,8 @@ def child():
 
 def measure(run, files, test_data, config):
     """The export table: Keras and each form's (`files`) size, accuracy, agreement, ms."""
-    probabilities, one_hot = training.predict_probabilities(run["model"], test_data)
-    labels, predicted = one_hot.argmax(axis=1), {"keras": probabilities.argmax(axis=1)}
+    levels, one_hot = training.predict_tta(run["model"], test_data)
+    labels, predicted = one_hot.argmax(axis=1), {"keras": levels["none"].argmax(axis=1)}
     image = next(iter(test_data))[0][:1].numpy()  # one preprocessed test image
     timing = (image, config["WARMUP_RUNS"], config["LATENCY_RUNS"])
     # Keras timed as a deployed TensorFlow model runs it: a compiled tf.function; on one

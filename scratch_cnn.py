@@ -76,8 +76,7 @@ LOOKAHEAD_DECAY = 0.95**5  # the moving average's decay at the end of training
 
 def check_config(config):
     """Checks of the settings alone: run before TensorFlow loads, and by main()."""
-    settings.require(config["EPOCHS"] > 0, "--epochs must be positive")
-    for name in ("WIDTH", "WHITEN_IMAGES", "MIN_STEPS"):
+    for name in ("EPOCHS", "WIDTH", "WHITEN_IMAGES", "MIN_STEPS"):
         settings.require(config[name] > 0, f"--{name.lower()} must be positive")
     settings.require(config["IMG_SIZE"] >= 16, "--img_size must be 16 or more")
     settings.require(
@@ -230,7 +229,7 @@ def main(argv):
     config, run_dir = training.configure_run(CONFIG, argv, SCRIPT)
     check_config(config)
     strategy = training.distribution_strategy()  # before any tensor exists
-    training.seed_everything(config["SEED"])
+    keras.utils.set_random_seed(config["SEED"])
     precision = training.set_precision(config["MIXED_PRECISION"], strategy)
 
     # Data: uint8 in memory; each batch is augmented, resized and scaled on its own

@@ -153,11 +153,6 @@ def save_run_config(run_dir, script, config, data_source, **extra):
     settings.write_json(run_dir / "config.json", run)
 
 
-def seed_everything(seed):
-    """Seed Python, NumPy and TensorFlow so a run can be repeated."""
-    keras.utils.set_random_seed(seed)
-
-
 def gpu_names():
     """The GPUs TensorFlow sees, by their device names."""
     return [
@@ -530,12 +525,6 @@ def predict_tta(model, dataset, tta="none"):
         levels["crops"] = levels["flip"] / 2 + sum(views) / 8
     labels = np.concatenate([labels.numpy() for _, labels in dataset])
     return levels, labels
-
-
-def predict_probabilities(model, dataset, tta="none"):
-    """(probabilities, one-hot labels) at test-time augmentation level `tta`."""
-    levels, labels = predict_tta(model, dataset, tta)
-    return levels[tta], labels
 
 
 def finish(run_dir, model, test_data, label_smoothing=0.0, tta="none"):
