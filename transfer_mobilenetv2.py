@@ -223,11 +223,12 @@ def compile_phase(model, base, config, phase, steps_per_epoch):
     if phase == "head":
         freeze_base(base)
         learning_rate = config["HEAD_LR"]
-    else:  # a random start: every layer trains, BatchNorm included
+    else:  # fine-tuning; a random start trains every layer, BatchNorm included
         fine_tune = phase == "fine_tune"
         if fine_tune and not config["FINE_TUNE_BATCHNORM"]:
             momentum = None
-        unfreeze_for_fine_tuning(base, config["FREEZE_FIRST"] if fine_tune else 0, momentum)
+        frozen = config["FREEZE_FIRST"] if fine_tune else 0
+        unfreeze_for_fine_tuning(base, frozen, momentum)
         learning_rate = training.WarmupThenDecay(
             config["FINE_TUNE_LR" if fine_tune else "RANDOM_START_LR"],
             warmup_steps=config["WARMUP_EPOCHS"] * steps_per_epoch,
