@@ -39,10 +39,10 @@ transfer := transfer_mobilenetv2.py --seed=0
 transfer_035 := transfer_mobilenetv2.py --alpha=0.35 --seed=0
 random_035 := transfer_mobilenetv2.py --alpha=0.35 --weights=none --seed=0
 EXPORTED := scratch transfer_035  # the two a phone would run, as TensorFlow Lite
-# MobileNetV2's runs again with each of SEEDS: results/transfer_seeds.{md,csv}, every
-# seed's evaluation and each model's mean and 95% interval. SEEDS= skips them.
+# The four runs again with each of SEEDS: results/seeds.{md,csv}, every seed's
+# evaluation and each model's mean and 95% interval. SEEDS= skips them.
 SEEDS ?= 1 2
-SEEDED := transfer transfer_035 random_035
+SEEDED := $(RESULTS)
 $(foreach s,$(SEEDS),$(foreach r,$(SEEDED),$(eval $(r)_s$(s) := $(subst --seed=0,--seed=$(s),$($(r))))))
 SEED_RUNS := $(SEEDED) $(foreach s,$(SEEDS),$(SEEDED:%=%_s$(s)))
 runs = $$(for r in $(1); do ls -d $(R)/$$r/*/*/; done | paste -sd, -)
@@ -59,7 +59,7 @@ results: install $(RESULTS:%=$(R)/%.done) $(if $(SEEDS),$(SEED_RUNS:%=$(R)/%.don
 	done
 	$(if $(SEEDS),$(BIN)/python evaluate.py --runs=$(call runs,$(SEED_RUNS)) \
 		--plots_dir=$(R)/seeds $(LABEL) && for f in md csv; do \
-		cp $(R)/seeds/comparison.$$f results/transfer_seeds.$$f; done)
+		cp $(R)/seeds/comparison.$$f results/seeds.$$f; done)
 
 # results/study_<STUDY>.*: a study's figure, table and CSV, its points in runs/study/
 # (days on a 2-core CPU; rerun to resume; points other processes finished count too).
